@@ -1,0 +1,27 @@
+# `make test` and `make budget` set up what they need on a fresh machine: a virtual environment in .venv with the
+# CPU build of torch and this project installed in editable mode.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test budget clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, pinned: an open requirement resolves to a CUDA build of several GB.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+budget: $(STAMP)
+	$(PY) experiments/parameter_budget.py
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,15 @@
+"""densemod: DenseLoRA (Mu et al., ACL 2025) as a PEFT method, its variants, the PEFT baselines behind one entry
+point, and exact parameter accounting.
+
+    import peft, densemod
+    model = peft.get_peft_model(base, densemod.DenseLoraConfig(r=16, target_modules=["q_proj", "v_proj"]))
+"""
+
+from .accounting import ParameterReport, parameter_report, predict_trainable, target_shapes
+from .denselora import SHARE_SCOPES, VARIANTS, DenseLoraConfig, DenseLoraLayer, DenseLoraModel, MergeError
+from .methods import METHODS, build_peft_config, step_hook
+
+__all__ = [
+    "METHODS", "SHARE_SCOPES", "VARIANTS", "DenseLoraConfig", "DenseLoraLayer", "DenseLoraModel", "MergeError",
+    "ParameterReport", "build_peft_config", "parameter_report", "predict_trainable", "step_hook", "target_shapes",
+]

@@ -1,0 +1,185 @@
+"""The DenseLoRA tuner: injects DenseLoRA layers and holds the shared encoders and decoders once."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from peft.tuners.tuners_utils import BaseTuner
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+from .config import DenseLoraConfig
+from .layer import DenseLoraLayer, Linear, SharedProjections, kaiming_uniform_, merge_error
+
+# The paper adapts q, k, v, up and down; for LLaMA-style families that is the default when no targets are given.
+_PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+TARGET_MODULES_MAPPING = {
+    **TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    **{family: _PAPER_TARGETS for family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo2")},
+}
+_UPCAST_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def module_kind(module_key: str) -> str:
+    """The module kind of an adapted layer: its attribute name (all `q_proj` layers are one kind)."""
+    return module_key.rpartition(".")[2]
+
+
+class DenseLoraModel(BaseTuner):
+    """Creates a DenseLoRA model from a pretrained model; use it through `peft.get_peft_model`.
+
+    Shared weights live here, in `denselora_encoder` and `denselora_decoder` (adapter name -> share key ->
+    Parameter), so they are counted, saved, cast and moved exactly once. Each layer holds its own M.
+    """
+
+    uses_shared_state: bool = True
+    prefix: str = "denselora_"
+    tuner_layer_cls = DenseLoraLayer
+    target_module_mapping = TARGET_MODULES_MAPPING
+
+    def _pre_injection_hook(self, model: nn.Module, config: DenseLoraConfig, adapter_name: str) -> None:
+        # Runs once, before the first adapter; adapters added or loaded later put their entries in these.
+        self.denselora_encoder = nn.ModuleDict()
+        self.denselora_decoder = nn.ModuleDict()
+        self._warned_rank: set[tuple[str, str]] = set()
+
+    @property
+    def shared(self) -> SharedProjections:
+        return SharedProjections(self.denselora_encoder, self.denselora_decoder)
+
+    def _prepare_model(self, peft_config: DenseLoraConfig, model: nn.Module) -> None:
+        # Runs before any module is replaced: a bad target fails here with the model untouched.
+        check_targets(peft_config, model)
+        super()._prepare_model(peft_config, model)
+
+    def _create_and_replace(
+        self, config: DenseLoraConfig, adapter_name: str, target: nn.Module, target_name: str,
+        parent: nn.Module, current_key: str, **kwargs: Any,
+    ) -> None:
+        base = target.get_base_layer() if isinstance(target, DenseLoraLayer) else target
+        if not isinstance(base, nn.Linear):
+            raise TypeError(
+                f"DenseLoRA adapts nn.Linear layers only; target {current_key!r} is a {type(base).__name__}"
+            )
+        kind = module_kind(current_key)
+        share_key = kind if config.share_scope == "kind" else current_key.replace(".", "__")
+        self._ensure_shared(config, adapter_name, share_key, kind, base)
+        if isinstance(target, DenseLoraLayer):
+            target.update_layer(adapter_name, share_key, config)
+            return
+        new_module = Linear(target, self.shared, adapter_name, share_key, config)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _ensure_shared(
+        self, config: DenseLoraConfig, adapter_name: str, share_key: str, kind: str, base: nn.Linear
+    ) -> None:
+        """Create W_e (r x in) and W_d (out x r) for this adapter and share key, or check that they fit."""
+        r, k, d = config.r, base.in_features, base.out_features
+        for container in self.shared:
+            if adapter_name not in container:
+                container[adapter_name] = nn.ParameterDict()
+        encoders, decoders = self.denselora_encoder[adapter_name], self.denselora_decoder[adapter_name]
+        if share_key in encoders:
+            have_k, have_d = encoders[share_key].shape[1], decoders[share_key].shape[0]
+            if (have_k, have_d) != (k, d):
+                raise ValueError(
+                    f"layers of kind {kind!r} differ in shape (in {have_k}, out {have_d} vs in {k}, out {d}), so "
+                    "they cannot share one encoder and decoder; use share_scope='layer'"
+                )
+            return
+        if r > min(k, d) and (adapter_name, kind) not in self._warned_rank:
+            self._warned_rank.add((adapter_name, kind))
+            warnings.warn(
+                f"DenseLoRA r={r} is larger than the input or output size of module kind {kind!r} "
+                f"(in {k}, out {d}): its update cannot have rank above {min(k, d)}",
+                stacklevel=2,
+            )
+        w_e, w_d = torch.empty(r, k), torch.empty(d, r)
+        kaiming_uniform_(w_e)
+        # W_d starts at zero so the adapter starts as a no-op, except in "freeze", where W_d never trains and
+        # M starts at zero instead.
+        if config.init_weights and config.variant != "freeze":
+            nn.init.zeros_(w_d)
+        else:
+            kaiming_uniform_(w_d)
+        weight = base.weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else None
+        for container, value in ((encoders, w_e), (decoders, w_d)):
+            container[share_key] = nn.Parameter(value.to(weight.device, dtype=dtype))
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        if not autocast_adapter_dtype:
+            return
+        for container in self.shared:
+            params = container[adapter_name] if adapter_name in container else {}
+            for key, param in params.items():
+                if param.dtype in _UPCAST_DTYPES:
+                    params[key] = nn.Parameter(param.detach().float(), requires_grad=param.requires_grad)
+
+    def _shared_requires_grad(self, adapter_name: str, requires_grad: bool) -> None:
+        trainable = requires_grad and self.peft_config[adapter_name].trains_projections
+        for container in self.shared:
+            if adapter_name in container:
+                container[adapter_name].requires_grad_(trainable)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        active = {adapter_name} if isinstance(adapter_name, str) else set(adapter_name)
+        for name in self.peft_config:
+            self._shared_requires_grad(name, name in active and not inference_mode)
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad)
+        for name in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
+            self._shared_requires_grad(name, requires_grad)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        for container in self.shared:
+            if adapter_name in container:
+                del container[adapter_name]
+
+    def _check_merge_allowed(self) -> None:
+        super()._check_merge_allowed()
+        for name in self.active_adapters:
+            variant = self.peft_config[name].variant
+            if variant != "only_matrix":
+                raise merge_error(variant)
+
+
+def check_targets(config: DenseLoraConfig, model: nn.Module) -> None:
+    """Fail with one clear line when a target name matches no module, or matches one that is not linear."""
+    targets = config.target_modules
+    if targets is None or targets == "all-linear":
+        return
+    modules = [(key, m) for key, m in model.named_modules() if key and not key.endswith(".base_layer")]
+    linear_names = sorted({module_kind(key) for key, m in modules if _adaptable(m)})
+    if isinstance(targets, str):
+        matches = {targets: [(key, m) for key, m in modules if re.fullmatch(targets, key)]}
+    else:
+        matches = {
+            name: [(key, m) for key, m in modules if key == name or key.endswith(f".{name}")]
+            for name in sorted(targets)
+        }
+    for name, matched in matches.items():
+        if not matched:
+            raise ValueError(
+                f"target module {name!r} matches no module of the model; its linear modules are named {linear_names}"
+            )
+        for key, module in matched:
+            if not _adaptable(module):
+                raise ValueError(
+                    f"target module {name!r} matches {key!r}, a {type(module).__name__}; DenseLoRA adapts nn.Linear "
+                    f"layers only, named {linear_names}"
+                )
+
+
+def _adaptable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, DenseLoraLayer))

@@ -1,0 +1,40 @@
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+# A small LLaMA with grouped-query attention: k_proj and v_proj map 64 -> 32, q_proj 64 -> 64,
+# up_proj 64 -> 96, down_proj 96 -> 64; two decoder layers.
+TINY = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=64,
+)
+PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+
+
+def make_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**TINY)).to(dtype).eval()
+
+
+@pytest.fixture
+def tiny_llama() -> LlamaForCausalLM:
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    return torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    model.eval()  # new adapter layers start in training mode, with dropout on
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+def train_step(model: torch.nn.Module, input_ids: torch.Tensor, lr: float = 1e-2) -> None:
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    optimizer.step()
+    model.eval()

@@ -1,0 +1,71 @@
+"""One entry point builds every method's PEFT config; each trains a step on the tiny model."""
+
+import peft
+import pytest
+import torch
+
+import densemod
+from densemod.methods import resolve_targets
+from conftest import input_ids, make_tiny_llama  # noqa: F401
+
+EXPECTED_CLASS = {
+    "denselora": densemod.DenseLoraConfig, "lora": peft.LoraConfig, "dora": peft.LoraConfig,
+    "vera": peft.VeraConfig, "lokr": peft.LoKrConfig, "adalora": peft.AdaLoraConfig,
+}
+
+
+def test_short_target_names_resolve_to_llama_module_names():
+    assert resolve_targets("q,k,v,up,down") == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+    assert resolve_targets(["o", "gate_proj", "lm_head"]) == ["o_proj", "gate_proj", "lm_head"]
+    assert resolve_targets("all-linear") == "all-linear"
+
+
+@pytest.mark.parametrize("method", densemod.METHODS)
+def test_every_method_trains_a_step(method, input_ids):
+    config = densemod.build_peft_config(method, r=4, target_modules="q,k,v,up,down", total_steps=10)
+    assert type(config) is EXPECTED_CLASS[method]
+    model = peft.get_peft_model(make_tiny_llama(), config)
+    assert set(model.base_model.targeted_module_names) == {
+        f"model.layers.{i}.{group}.{name}"
+        for i in range(2)
+        for group, names in (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("up_proj", "down_proj")))
+        for name in names
+    }
+
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trainable]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    optimizer.step()
+    densemod.step_hook(model)(1)
+    optimizer.zero_grad()
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainable))
+
+
+def test_dora_and_lora_differ_only_in_the_magnitude_vector():
+    lora = densemod.build_peft_config("lora", 8)
+    dora = densemod.build_peft_config("dora", 8)
+    assert (lora.use_dora, dora.use_dora) == (False, True)
+    assert lora.lora_alpha == dora.lora_alpha == 16
+
+
+def test_adalora_step_hook_reallocates_rank(input_ids):
+    config = densemod.build_peft_config("adalora", r=4, target_modules="q,v", total_steps=20)
+    assert (config.init_r, config.target_r, config.tinit, config.tfinal) == (6, 4, 2, 2)
+    model = peft.get_peft_model(make_tiny_llama(), config)
+    hook = densemod.step_hook(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(1, 4):
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        optimizer.step()
+        hook(step)
+        optimizer.zero_grad()
+    # from step tinit on, AdaLoRA scores every singular value's importance
+    assert len(model.base_model.rankallocator.ipt) == 2 * 2 * 3  # q and v in 2 layers, lora_A, lora_B, lora_E
+
+
+def test_other_methods_need_no_step_hook():
+    model = peft.get_peft_model(make_tiny_llama(), densemod.build_peft_config("denselora", r=4))
+    assert densemod.step_hook(model)(5) is None
