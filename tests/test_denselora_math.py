@@ -152,3 +152,9 @@ def test_shared_encoder_gradient_is_the_sum_of_every_layers_contribution(input_i
         assert len(per_layer) == 2 and all(g.abs().sum() > 0 for g in per_layer), kind
         shared_grad = shared.base_model.denselora_encoder["default"][kind].grad
         torch.testing.assert_close(shared_grad, per_layer[0] + per_layer[1], rtol=1e-4, atol=1e-7)
+
+
+def test_llama_models_default_to_the_papers_targets(tiny_llama):
+    model = peft.get_peft_model(tiny_llama, densemod.DenseLoraConfig(r=4))
+    assert model.peft_config["default"].target_modules == set(PAPER_TARGETS)
+    assert set(model.base_model.denselora_encoder["default"]) == set(PAPER_TARGETS)

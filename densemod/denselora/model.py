@@ -98,7 +98,6 @@ class DenseLoraModel(BaseTuner):
             warnings.warn(
                 f"DenseLoRA r={r} is larger than the input or output size of module kind {kind!r} "
                 f"(in {k}, out {d}): its update cannot have rank above {min(k, d)}",
-                stacklevel=2,
             )
         w_e, w_d = torch.empty(r, k), torch.empty(d, r)
         kaiming_uniform_(w_e)
