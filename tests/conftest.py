@@ -1,6 +1,11 @@
+import os
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+# Ray must keep its traffic on 127.0.0.1 in tests (see STACK_NOTES).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 # A small LLaMA with grouped-query attention: k_proj and v_proj map 64 -> 32, q_proj 64 -> 64,
 # up_proj 64 -> 96, down_proj 96 -> 64; two decoder layers.

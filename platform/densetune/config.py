@@ -1,0 +1,69 @@
+"""One trial's configuration: what the user wrote, serialisable whole (it is logged to the tracking store as is)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+EVAL_MODES = ("generate", "loglik")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclass
+class TrialConfig:
+    # what to adapt, and how (densemod.build_peft_config's arguments)
+    model: str = "smollm2-135m"
+    method: str = "denselora"
+    variant: str = "denselora"
+    rank: int = 32
+    alpha: Optional[float] = None  # None: 2 * rank
+    dropout: float = 0.05
+    targets: str = "q,k,v,up,down"
+    # data: LLM-Adapters files, folders or Hub ids, or "synthetic" (the built-in task)
+    datasets: list[str] = field(default_factory=lambda: ["synthetic"])
+    eval_datasets: Optional[list[str]] = None  # None: the test split of each training set
+    data_fraction: float = 1.0
+    cutoff_len: int = 256
+    train_on_inputs: bool = True
+    # the paper's recipe: AdamW, lr 3e-4, linear schedule with 100 warm-up steps, batch 16 of micro-batches of 4
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    batch_size: int = 16  # global, across workers and accumulation steps
+    micro_batch_size: int = 4
+    epochs: int = 2
+    max_steps: Optional[int] = None  # None: epochs over the data
+    stop_after_step: Optional[int] = None  # end the run early, keeping the schedule of the full run (resumable)
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPU
+    # Ray Train worker group
+    num_workers: int = 1
+    use_gpu: Optional[bool] = None  # None: when the cluster has GPUs
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    # reporting, checkpoints, evaluation
+    report_every: int = 10
+    checkpoint_every: Optional[int] = None  # None: only at the end
+    eval_mode: str = "generate"  # LLM-Adapters: greedy generation and answer extraction; "loglik" is faster
+    eval_every: Optional[int] = None  # None: only at the end
+    eval_at_start: bool = False  # also evaluate before the first step: the base model, for DenseLoRA and LoRA
+    eval_limit: Optional[int] = None  # a fixed, seeded subset of this many questions per benchmark
+    eval_batch_size: int = 8
+    eval_sharded: bool = False  # evaluate on every worker's share instead of on rank 0 alone
+    max_new_tokens: int = 32
+    name: Optional[str] = None  # the run's folder under storage_path; an existing one is resumed
+    storage_path: str = "runs"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrialConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown trial settings {unknown}; allowed: {sorted(known)}")
+        return cls(**values)

@@ -1,0 +1,202 @@
+"""Training and evaluation data: LLM-Adapters benchmark files, Hub data sets, and a built-in synthetic task.
+
+Every row has the LLM-Adapters fields {instruction, input, output, answer}. `tokenize` and `collate` turn rows into
+padded batches the way LLM-Adapters' finetune.py does.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import load_dataset
+from datasets.exceptions import DatasetGenerationError
+from transformers import PreTrainedTokenizerBase
+
+from .prompts import prompt
+
+REQUIRED_FIELDS = ("instruction", "input", "output", "answer")
+IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
+SYNTHETIC_SIZES = {"train": 2000, "test": 300}
+
+_ALLOWED = "a data set is a .json file, a folder holding {split}.json, a Hub id owner/name, or 'synthetic'"
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+@dataclass
+class Benchmark:
+    name: str
+    rows: list[dict]
+
+
+def load_benchmark(source: str | Path, split: str = "train") -> Benchmark:
+    """One data set's rows: 'synthetic', a .json file, a folder holding {split}.json, or a Hub id owner/name.
+
+    A .json file is read whatever `split` says, so a training mixture such as math_data.json loads as "train".
+    """
+    source = str(source)
+    if source == "synthetic":
+        return synthetic_task(split)
+    path = Path(source)
+    allowed = _ALLOWED.format(split=split)
+    if path.is_file():
+        if path.suffix != ".json":
+            raise ValueError(f"{source}: not a .json file ({allowed})")
+        name = path.resolve().parent.name if path.stem in ("train", "test") else path.stem
+        return Benchmark(name, _validated(_read_json(path), source))
+    if path.is_dir():
+        file = path / f"{split}.json"
+        if not file.is_file():
+            raise ValueError(f"{source}: no {split}.json in this folder ({allowed})")
+        return Benchmark(path.resolve().name, _validated(_read_json(file), str(file)))
+    # A missing local .json file must not be mistaken for a Hub id such as "ARC-Easy/train.json".
+    if _HUB_ID.fullmatch(source) and path.suffix != ".json":
+        rows = load_dataset(source, split=split).to_list()
+        return Benchmark(source.split("/")[1], _validated(rows, source))
+    raise ValueError(f"{source}: no such file or folder ({allowed})")
+
+
+def _read_json(path: Path) -> list[dict]:
+    # datasets raises StopIteration, without a message, on an empty file.
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: the file is empty (expected a JSON list of rows with {', '.join(REQUIRED_FIELDS)})")
+    try:
+        return load_dataset("json", data_files=str(path), split="train").to_list()
+    except (ValueError, DatasetGenerationError) as error:
+        # datasets' messages ('Instruction "train" corresponds to no data!') never name the file.
+        reason = error.__cause__ or error
+        raise ValueError(f"{path}: cannot read a JSON list of rows ({reason})") from error
+
+
+def _validated(rows: list[dict], source: str) -> list[dict]:
+    if not rows:
+        raise ValueError(f"{source}: no rows")
+    checked = []
+    for index, row in enumerate(rows):
+        for field in REQUIRED_FIELDS:
+            # datasets fills a field that some rows lack with None, so None and absent are the same here.
+            if row.get(field) is None:
+                raise ValueError(
+                    f"{source}: row {index} has no field {field!r} (each row needs {', '.join(REQUIRED_FIELDS)})"
+                )
+        # Answers such as math_data's are numbers in some files; evaluation compares text.
+        checked.append({field: str(row[field]) for field in REQUIRED_FIELDS})
+    return checked
+
+
+def load_training_rows(sources: Sequence[str], data_fraction: float = 1.0, seed: int = 0) -> list[dict]:
+    """The "train" rows of every source, concatenated in order (as commonsense_170k mixes its benchmarks), then
+    subsampled to `data_fraction`."""
+    if isinstance(sources, str):
+        sources = [sources]
+    if not sources:
+        raise ValueError("no training data set given: name at least one source")
+    rows = [row for source in sources for row in load_benchmark(source, "train").rows]
+    return subsample(rows, data_fraction, seed)
+
+
+def subsample(rows: list[dict], fraction: float, seed: int) -> list[dict]:
+    """int(len(rows) * fraction) rows chosen with `seed`, in their original order."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"data_fraction must be a number in (0, 1], got {fraction!r}")
+    keep = int(len(rows) * fraction)
+    if keep == 0:
+        raise ValueError(f"data_fraction {fraction} of {len(rows)} rows leaves no row: use a larger fraction")
+    chosen = sorted(random.Random(seed).sample(range(len(rows)), keep))
+    return [rows[index] for index in chosen]
+
+
+# Words of one category each: a distractor must never also be a right answer.
+_CATEGORIES = {
+    "a colour": ("red", "blue", "green", "yellow", "purple", "pink", "brown", "black", "white", "grey"),
+    "an animal": ("dog", "cat", "horse", "cow", "lion", "tiger", "rabbit", "sheep", "mouse", "bear"),
+    "a fruit": ("apple", "banana", "grape", "lemon", "cherry", "peach", "mango", "pear", "plum", "melon"),
+    "a vehicle": ("car", "bus", "train", "bicycle", "boat", "truck", "plane", "tractor", "scooter", "ship"),
+}
+_QUESTION_KINDS = ("largest", "smallest", *_CATEGORIES)
+# Test rows are those whose instruction hashes into this bucket, train rows the others: the splits stay disjoint
+# whatever sizes are asked for.
+_TEST_BUCKETS, _TEST_BUCKET = 10, 0
+
+
+def synthetic_task(split: str, n: int | None = None, seed: int = 0) -> Benchmark:
+    """A seeded, offline four-choice task in the style of the LLM-Adapters ARC rows, easy enough for a small
+    pretrained model to learn in a few hundred steps: pick the largest or smallest number, or the word of a category.
+    """
+    if split not in SYNTHETIC_SIZES:
+        raise ValueError(f"synthetic split {split!r} does not exist: use 'train' or 'test'")
+    n = SYNTHETIC_SIZES[split] if n is None else n
+    if n < 1:
+        raise ValueError(f"synthetic task size must be at least 1, got {n}")
+    # A string seed is hashed with SHA-512 by random.Random, so the stream is the same in every process.
+    rng = random.Random(f"densetune-synthetic/{split}/{seed}")
+    rows, seen = [], set()
+    while len(rows) < n:
+        row = _synthetic_row(rng)
+        in_test = zlib.crc32(row["instruction"].encode()) % _TEST_BUCKETS == _TEST_BUCKET
+        if in_test == (split == "test") and row["instruction"] not in seen:
+            seen.add(row["instruction"])
+            rows.append(row)
+    return Benchmark("synthetic", rows)
+
+
+def _synthetic_row(rng: random.Random) -> dict:
+    kind = rng.choice(_QUESTION_KINDS)
+    if kind in _CATEGORIES:
+        question = f"Which word names {kind}?"
+        right = rng.choice(_CATEGORIES[kind])
+        others = [word for category, words in _CATEGORIES.items() if category != kind for word in words]
+        wrong = rng.sample(others, 3)
+    else:
+        question = f"Which number is the {kind}?"
+        numbers = sorted(rng.sample(range(1, 100), 4))
+        right = numbers.pop(-1 if kind == "largest" else 0)
+        wrong = [str(number) for number in numbers]
+        rng.shuffle(wrong)
+    gold = rng.randrange(4)
+    choices = [*wrong[:gold], str(right), *wrong[gold:]]
+    listed = " ".join(f"Answer{position}: {choice}" for position, choice in enumerate(choices, 1))
+    instruction = (
+        f"Please choose the correct answer to the question: {question}\n\n{listed}\n\n"
+        "Answer format: answer1/answer2/answer3/answer4"
+    )
+    answer = f"answer{gold + 1}"
+    return {"instruction": instruction, "input": "", "output": f"the correct answer is {answer}", "answer": answer}
+
+
+def tokenize(
+    row: dict, tokenizer: PreTrainedTokenizerBase, cutoff_len: int = 256, train_on_inputs: bool = True
+) -> dict[str, list[int]]:
+    """LLM-Adapters' rule: prompt + output, truncated at `cutoff_len`, EOS appended when it fits; with
+    `train_on_inputs` False the prompt's tokens get label -100."""
+    user_prompt = prompt(row["instruction"], row["input"])
+    input_ids = _token_ids(tokenizer, user_prompt + row["output"], cutoff_len)
+    # A truncated text gets no EOS: the model must not learn to stop in mid-answer.
+    if input_ids[-1] != tokenizer.eos_token_id and len(input_ids) < cutoff_len:
+        input_ids.append(tokenizer.eos_token_id)
+    labels = list(input_ids)
+    if not train_on_inputs:
+        masked = len(_token_ids(tokenizer, user_prompt, cutoff_len))
+        labels[:masked] = [IGNORE_INDEX] * masked
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def _token_ids(tokenizer: PreTrainedTokenizerBase, text: str, cutoff_len: int) -> list[int]:
+    return list(tokenizer(text, truncation=True, max_length=cutoff_len, padding=False)["input_ids"])
+
+
+def collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pads a batch to its longest example: pads get `pad_token_id`, attention 0 and label -100."""
+    width = max(len(example["input_ids"]) for example in examples)
+    batch = {"input_ids": [], "attention_mask": [], "labels": []}
+    for example in examples:
+        pad = width - len(example["input_ids"])
+        batch["input_ids"].append(example["input_ids"] + [pad_token_id] * pad)
+        batch["attention_mask"].append([1] * len(example["input_ids"]) + [0] * pad)
+        batch["labels"].append(example["labels"] + [IGNORE_INDEX] * pad)
+    return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}

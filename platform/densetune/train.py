@@ -1,0 +1,262 @@
+"""The training loop each Ray Train worker runs: one trial's fine-tuning, its checkpoints and its evaluation.
+
+Read top to bottom: build the model, restore a checkpoint if Ray hands one over, then step through the data,
+reporting every few steps and checkpointing every few more, and evaluate at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import resource
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from peft import get_peft_model
+from torch.utils.data import DistributedSampler
+from transformers import get_linear_schedule_with_warmup
+
+import densemod
+
+from . import checkpoint as ckpt
+from .config import TrialConfig
+from .data import collate, tokenize
+from .evaluate import accuracy, evaluate
+from .models import load_model, load_tokenizer
+
+logger = logging.getLogger(__name__)
+# PEFT 0.21 reads an attribute that transformers 5 deprecates; the warning says nothing about this run.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+
+
+def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
+    cfg = TrialConfig.from_dict(loop_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+
+    tokenizer = load_tokenizer(cfg.model)
+    examples = [tokenize(row, tokenizer, cfg.cutoff_len, cfg.train_on_inputs) for row in ray.get(loop_config["train_rows"])]
+    eval_sets = ray.get(loop_config["eval_sets"])
+    steps_per_epoch = len(examples) // cfg.batch_size
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    stop = min(total_steps, cfg.stop_after_step or total_steps)
+
+    # The same seed on every worker gives every worker the same adapter initialisation.
+    torch.manual_seed(cfg.seed)
+    base = load_model(cfg.model, dtype=model_dtype(cfg.dtype, on_gpu))
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing recomputes the shared encoder correctly under DDP.
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_config = densemod.build_peft_config(
+        cfg.method, cfg.rank, cfg.alpha, cfg.dropout, cfg.targets, cfg.variant, total_steps=total_steps
+    )
+    model = get_peft_model(base, peft_config).to(device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
+    after_step = densemod.step_hook(model)
+
+    position = ckpt.Position(step=0, epoch=0, step_in_epoch=0)
+    restored = ray.train.get_checkpoint()
+    if restored:
+        with restored.as_directory() as folder:
+            ckpt.load_adapter(model, Path(folder))
+            ckpt.load_optimizer(optimizer, scheduler, Path(folder))
+            position = ckpt.load_position(Path(folder))
+            ckpt.load_rng(Path(folder), rank)
+    else:
+        # Dropout masks should differ between workers.
+        torch.manual_seed(cfg.seed + rank)
+        random.seed(cfg.seed + rank)
+    ddp_model = ray.train.torch.prepare_model(model)
+
+    report = densemod.parameter_report(model)
+    summary: dict[str, Any] = {
+        "trainable_params": report.trainable, "total_params": report.total, "trainable_pct": report.trainable_pct,
+        "total_steps": total_steps, "resumed_from_step": position.step if restored else None,
+        "history": [], "evaluations": [], "predictions": [],
+    }
+    log(rank, f"{report} | steps {position.step}->{stop} of {total_steps} | {world} worker(s) on {device}")
+
+    if cfg.eval_at_start and not restored:
+        metrics = {"step": 0, **run_evaluation(model, tokenizer, eval_sets, cfg, rank, world, summary, 0)}
+        log(rank, f"before training: {format_accuracies(metrics)}")
+        ray.train.report(metrics)
+    evaluated_at_end = False
+    while position.step < stop:
+        batches = epoch_batches(len(examples), position.epoch, cfg, rank, world)
+        for micro_batches in batches[position.step_in_epoch:]:
+            started = time.perf_counter()
+            loss, tokens = train_step(ddp_model, micro_batches, examples, tokenizer.pad_token_id, world, device, cfg, optimizer)
+            scheduler.step()
+            after_step(position.step + 1)
+            optimizer.zero_grad(set_to_none=True)
+            elapsed = time.perf_counter() - started
+            position = ckpt.Position(position.step + 1, position.epoch, position.step_in_epoch + 1)
+
+            step = position.step
+            metrics = {
+                "step": step, "epoch": step / steps_per_epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "peak_memory_mb": peak_memory_mb(on_gpu),
+                "trainable_params": report.trainable,
+            }
+            finished = evaluated_at_end = step == total_steps
+            if finished or (cfg.eval_every and step % cfg.eval_every == 0):
+                metrics.update(run_evaluation(model, tokenizer, eval_sets, cfg, rank, world, summary, step))
+            at_checkpoint = step == stop or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+            if at_checkpoint or step % cfg.report_every == 0:
+                summary["history"].append(metrics)
+                log(rank, format_metrics(metrics, total_steps))
+                report_to_ray(metrics, model, optimizer, scheduler, position, rank, at_checkpoint, summary if finished else None)
+            if step == stop:
+                break
+        else:
+            position = ckpt.Position(position.step, position.epoch + 1, 0)
+    if position.step == total_steps and not evaluated_at_end:  # resumed a run that had already finished
+        metrics = {"step": position.step, **run_evaluation(model, tokenizer, eval_sets, cfg, rank, world, summary, position.step)}
+        report_to_ray(metrics, model, optimizer, scheduler, position, rank, True, summary)
+    return summary
+
+
+def model_dtype(name: str, on_gpu: bool) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if on_gpu else torch.float32
+    return getattr(torch, name)
+
+
+def epoch_batches(n: int, epoch: int, cfg: TrialConfig, rank: int, world: int) -> list[list[list[int]]]:
+    """This worker's micro-batches (lists of example indices) for every optimizer step of one epoch.
+
+    The sampler deals the shuffled epoch out round-robin, so step s covers examples s*B..(s+1)*B-1 of the
+    shuffled order whatever the number of workers: 1 and 2 workers train on the same global batches.
+    """
+    sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+    sampler.set_epoch(epoch)
+    indices = list(sampler)
+    per_worker = cfg.batch_size // world
+    return [
+        [indices[start + offset: start + offset + cfg.micro_batch_size] for offset in range(0, per_worker, cfg.micro_batch_size)]
+        for start in range(0, (n // cfg.batch_size) * per_worker, per_worker)
+    ]
+
+
+def train_step(
+    model: torch.nn.Module, micro_batches: list[list[int]], examples: list[dict], pad_token_id: int, world: int,
+    device: torch.device, cfg: TrialConfig, optimizer: torch.optim.Optimizer,
+) -> tuple[float, int]:
+    """One optimizer step over this worker's micro-batches; returns the global batch's mean token loss and size.
+
+    The loss is summed over the global batch's target tokens and divided by their count, so it does not depend
+    on how the batch is split between workers and accumulation steps.
+    """
+    model.train()
+    batches = [collate([examples[i] for i in indices], pad_token_id) for indices in micro_batches]
+    targets = all_reduce_sum(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches), device)
+    tokens = all_reduce_sum(sum(int(b["attention_mask"].sum()) for b in batches), device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    loss_sum = 0.0
+    for i, batch in enumerate(batches):
+        # Gradients are all-reduced on the last micro-batch only.
+        syncing = i == len(batches) - 1 or not hasattr(model, "no_sync")
+        with (contextlib.nullcontext() if syncing else model.no_sync()), autocast:
+            loss = model(**{k: v.to(device) for k, v in batch.items()}, num_items_in_batch=targets).loss
+            # DDP averages gradients over workers; the loss is already a share of the global sum.
+            (loss * world).backward()
+        loss_sum += loss.item()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+    optimizer.step()
+    return all_reduce_sum(loss_sum, device), tokens
+
+
+def all_reduce_sum(value: float, device: torch.device) -> Any:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor(value, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return type(value)(tensor.item())
+
+
+def run_evaluation(
+    model: Any, tokenizer: Any, eval_sets: list[tuple[str, list[dict]]], cfg: TrialConfig, rank: int, world: int,
+    summary: dict[str, Any], step: int,
+) -> dict[str, float]:
+    """Accuracy per benchmark and their average; on rank 0, or on every worker's share when sharded."""
+    results: dict[str, float] = {}
+    predictions = []
+    for name, rows in eval_sets:
+        if cfg.eval_sharded and world > 1:
+            mine = evaluate(model, tokenizer, name, rows, cfg.eval_mode, cfg.max_new_tokens, cfg.eval_batch_size, shard=(rank, world), progress=rank == 0)
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, mine)
+            found = sorted((p for part in gathered for p in part), key=lambda p: p.index)
+        elif rank == 0:
+            found = evaluate(model, tokenizer, name, rows, cfg.eval_mode, cfg.max_new_tokens, cfg.eval_batch_size, progress=True)
+        else:
+            continue
+        results[f"accuracy/{name}"] = accuracy(found)
+        predictions.extend(found)
+    if results:
+        results["accuracy/average"] = sum(results.values()) / len(results)
+        summary["evaluations"].append({"step": step, **results})
+        summary["predictions"] = [vars(p) for p in predictions]
+    return results
+
+
+def report_to_ray(
+    metrics: dict[str, Any], model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+    position: ckpt.Position, rank: int, checkpoint: bool, final: Optional[dict[str, Any]] = None,
+) -> None:
+    """Report to Ray Train: every worker calls it (it is a barrier); with a checkpoint, each adds its own part.
+
+    The final checkpoint also keeps the evaluation's predictions, so they persist wherever the storage path is.
+    """
+    if not checkpoint:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        ckpt.save_rng(folder, rank)
+        if rank == 0:
+            ckpt.save_adapter(model, folder)
+            ckpt.save_optimizer(optimizer, scheduler, folder)
+            ckpt.save_position(position, folder)
+            if final is not None:
+                (folder / "predictions.json").write_text(json.dumps(final["predictions"], indent=1))
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"checkpoint_{position.step:06d}",
+        )
+
+
+def peak_memory_mb(on_gpu: bool) -> float:
+    if on_gpu:
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def format_metrics(metrics: dict[str, Any], total_steps: int) -> str:
+    return (
+        f"step {metrics['step']}/{total_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+        f"{metrics['tokens_per_s']:.0f} tok/s {metrics['step_time_s']:.2f} s/step {format_accuracies(metrics)}"
+    ).rstrip()
+
+
+def format_accuracies(metrics: dict[str, Any]) -> str:
+    return " ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in metrics.items() if k.startswith("accuracy/"))
+
+
+def log(rank: int, message: str) -> None:
+    # Ray Train routes worker logging to the driver's console; a bare print there can come out twice.
+    if rank == 0:
+        logger.info(message)

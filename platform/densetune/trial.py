@@ -1,0 +1,226 @@
+"""Run one fine-tuning trial on a Ray Train worker group, from Python or the command line.
+
+    python -m densetune.trial --model smollm2-135m --method denselora --rank 32 --targets q,k,v,up,down --max-steps 50
+
+Everything that can be wrong with the input is checked here, before any worker starts. Rerunning with the same
+--name and --storage-path resumes the run from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import random
+import sys
+import time
+import typing
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+import densemod
+
+from .config import DTYPES, EVAL_MODES, TrialConfig
+from .data import Benchmark, load_benchmark, load_training_rows
+from .evaluate import LABEL_FORMATS, answer_format
+from .models import check_model_name
+from .train import train_loop
+
+# Ray Train polls workers for reports every 2 s by default, and each report waits for the poll.
+RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+
+
+@dataclass
+class TrialInputs:
+    """What the workers need besides the config, checked and loaded once by the driver."""
+
+    train_rows: list[dict]
+    eval_sets: list[tuple[str, list[dict]]]
+
+
+@dataclass
+class TrialResult:
+    config: TrialConfig
+    summary: dict[str, Any]  # what rank 0's training loop returned: counts, history, evaluations, predictions
+    path: str  # the run's folder on the storage path
+    checkpoint: Optional[str]  # the last checkpoint: adapter, optimizer, position, predictions.json
+    wall_time_s: float
+
+    @property
+    def accuracies(self) -> dict[str, float]:
+        return {k: v for k, v in self.summary["evaluations"][-1].items() if k != "step"} if self.summary["evaluations"] else {}
+
+
+def prepare(config: TrialConfig) -> TrialInputs:
+    """Check the configuration and load the data; every error here is one line naming the bad value."""
+    check_model_name(config.model)
+    densemod.build_peft_config(
+        config.method, config.rank, config.alpha, config.dropout, config.targets, config.variant, total_steps=2
+    )
+    check_choice("eval_mode", config.eval_mode, EVAL_MODES)
+    check_choice("dtype", config.dtype, DTYPES)
+    for name in ("num_workers", "batch_size", "micro_batch_size", "epochs", "report_every", "cutoff_len"):
+        check_positive(name, getattr(config, name))
+    for name in ("max_steps", "stop_after_step", "checkpoint_every", "eval_every", "eval_limit"):
+        if getattr(config, name) is not None:
+            check_positive(name, getattr(config, name))
+    per_step = config.micro_batch_size * config.num_workers
+    if config.batch_size % per_step:
+        raise ValueError(
+            f"batch_size {config.batch_size} must be a multiple of micro_batch_size x num_workers = {per_step}"
+        )
+    rows = load_training_rows(config.datasets, config.data_fraction, config.seed)
+    if len(rows) < config.batch_size:
+        raise ValueError(f"{len(rows)} training rows make no batch of batch_size {config.batch_size}")
+    return TrialInputs(rows, [eval_set(source, config) for source in eval_sources(config)])
+
+
+def eval_sources(config: TrialConfig) -> list[str]:
+    return config.datasets if config.eval_datasets is None else config.eval_datasets
+
+
+def eval_set(source: str, config: TrialConfig) -> tuple[str, list[dict]]:
+    benchmark: Benchmark = load_benchmark(source, "test")
+    fmt = answer_format(benchmark.name, [row["answer"] for row in benchmark.rows])
+    if config.eval_mode == "loglik" and fmt not in LABEL_FORMATS:
+        raise ValueError(
+            f"eval_mode 'loglik' scores fixed candidates, but {benchmark.name!r} has {fmt!r} answers: "
+            "use eval_mode 'generate'"
+        )
+    rows = benchmark.rows
+    if config.eval_limit and config.eval_limit < len(rows):
+        # A fixed subset: the same questions for every trial with the same seed.
+        keep = sorted(random.Random(config.seed).sample(range(len(rows)), config.eval_limit))
+        rows = [rows[i] for i in keep]
+    return benchmark.name, rows
+
+
+def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}")
+
+
+def ensure_ray() -> None:
+    """Use the Ray this process already joined, else the cluster in RAY_ADDRESS, else start a local one."""
+    if ray.is_initialized():
+        return
+    os.environ.update({k: os.environ.get(k, v) for k, v in RAY_ENV.items()})
+    ray.init(runtime_env={"env_vars": {k: os.environ[k] for k in RAY_ENV}})
+
+
+def uses_gpu(config: TrialConfig) -> bool:
+    return bool(ray.cluster_resources().get("GPU", 0)) if config.use_gpu is None else config.use_gpu
+
+
+def check_placeable(config: TrialConfig, gpu: bool) -> None:
+    """A worker group larger than the cluster would wait forever: refuse it.
+
+    Skipped for a cluster reached through RAY_ADDRESS (ray job submit sets it): an autoscaling cluster grows to
+    fit, and only its autoscaler knows how far.
+    """
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    have = ray.cluster_resources()
+    need = {"CPU": config.num_workers * config.cpus_per_worker}
+    if gpu:
+        need["GPU"] = config.num_workers * config.gpus_per_worker
+    for kind, amount in need.items():
+        if amount > have.get(kind, 0):
+            raise ValueError(
+                f"num_workers {config.num_workers} need {amount:g} {kind}s in all, but this Ray cluster has "
+                f"{have.get(kind, 0):g}: use fewer workers or fewer {kind}s per worker"
+            )
+
+
+def run_trial(config: TrialConfig) -> TrialResult:
+    """Run one trial to the end (or to stop_after_step) and return rank 0's summary."""
+    started = time.perf_counter()
+    inputs = prepare(config)
+    ensure_ray()
+    gpu = uses_gpu(config)
+    check_placeable(config, gpu)
+    resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if gpu else {})}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "config": dataclasses.asdict(config),
+            "train_rows": ray.put(inputs.train_rows),
+            "eval_sets": ray.put(inputs.eval_sets),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.num_workers, use_gpu=gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.name or default_name(config),
+            storage_path=str(Path(config.storage_path).resolve()),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    return TrialResult(config, result.return_value, result.path, checkpoint, time.perf_counter() - started)
+
+
+def default_name(config: TrialConfig) -> str:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{config.model}-{config.method}-{config.variant}-r{config.rank}-{stamp}".replace("/", "_")
+
+
+def print_summary(result: TrialResult) -> None:
+    summary, history = result.summary, result.summary["history"]
+    print(f"\ntrial: {result.path}")
+    print(
+        f"trainable params: {summary['trainable_params']:,d} of {summary['total_params']:,d} "
+        f"({summary['trainable_pct']:.4f}%)"
+    )
+    if history:
+        print(f"loss: {history[0]['loss']:.4f} (step {history[0]['step']}) -> {history[-1]['loss']:.4f} (step {history[-1]['step']})")
+    for name, value in result.accuracies.items():
+        print(f"{name}: {value:.4f}")
+    print(f"checkpoint (adapter, predictions.json): {result.checkpoint}")
+    print(f"wall time: {result.wall_time_s:.1f} s")
+
+
+def parse_args(argv: Optional[list[str]] = None) -> TrialConfig:
+    """One flag per TrialConfig field (--max-steps for max_steps); lists are comma-separated."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    hints = typing.get_type_hints(TrialConfig)
+    for field in dataclasses.fields(TrialConfig):
+        flag = "--" + field.name.replace("_", "-")
+        kind = hints[field.name]
+        inner = [t for t in typing.get_args(kind) if t is not type(None)]
+        base = inner[0] if typing.get_origin(kind) is typing.Union else kind
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif typing.get_origin(base) is list:
+            parser.add_argument(flag, type=lambda s: [p.strip() for p in s.split(",") if p.strip()], default=default)
+        else:
+            parser.add_argument(flag, type=base, default=default)
+    return TrialConfig(**vars(parser.parse_args(argv)))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    config = parse_args(argv)
+    try:
+        result = run_trial(config)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print_summary(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

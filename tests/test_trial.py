@@ -1,0 +1,137 @@
+"""One trial end to end on Ray Train: tiny-llama, the built-in data, a few steps each."""
+
+import json
+import os
+
+import pytest
+import ray
+
+from densetune.config import TrialConfig
+from densetune.trial import RAY_ENV, main, prepare, run_trial
+
+FAST = dict(
+    model="tiny-llama", rank=4, dropout=0.0, batch_size=8, micro_batch_size=2, lr=1e-2, warmup_steps=0,
+    report_every=1, eval_mode="loglik", eval_limit=16, cutoff_len=128, datasets=["synthetic"],
+)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    os.environ.update(RAY_ENV)
+    ray.init(address="local", num_cpus=2, runtime_env={"env_vars": RAY_ENV})
+    yield
+    ray.shutdown()
+
+
+def losses(result, steps=None):
+    return {h["step"]: h["loss"] for h in result.summary["history"] if steps is None or h["step"] in steps}
+
+
+def test_one_and_two_workers_train_on_the_same_global_batches(local_ray, tmp_path):
+    one = run_trial(TrialConfig(**FAST, max_steps=4, num_workers=1, name="one", storage_path=str(tmp_path)))
+    # two workers, each evaluating half of the questions, with activation checkpointing through the shared
+    # encoder under DDP
+    two = run_trial(TrialConfig(
+        **FAST, max_steps=4, num_workers=2, eval_sharded=True, gradient_checkpointing=True, name="two",
+        storage_path=str(tmp_path),
+    ))
+
+    assert list(losses(one)) == list(losses(two)) == [1, 2, 3, 4]
+    assert losses(one)[4] < losses(one)[1]  # lr 1e-2 without warm-up: the later steps depend on the updates
+    assert losses(two) == pytest.approx(losses(one), rel=1e-4)
+    assert two.accuracies == one.accuracies
+    assert [p["index"] for p in two.summary["predictions"]] == list(range(16))
+
+
+def test_resume_continues_the_uninterrupted_loss_curve(local_ray, tmp_path):
+    settings = dict(FAST, dropout=0.1, warmup_steps=2, max_steps=6, checkpoint_every=3, storage_path=str(tmp_path))
+    full = run_trial(TrialConfig(**settings, name="full"))
+    paused = run_trial(TrialConfig(**settings, name="paused", stop_after_step=3))
+    resumed = run_trial(TrialConfig(**settings, name="paused"))
+
+    assert losses(paused) == pytest.approx(losses(full, {1, 2, 3}), rel=1e-6)
+    assert paused.summary["evaluations"] == []  # the run is not over: no final evaluation yet
+    assert resumed.summary["resumed_from_step"] == 3
+    assert list(losses(resumed)) == [4, 5, 6]
+    assert losses(resumed) == pytest.approx(losses(full, {4, 5, 6}), rel=1e-5)
+    assert resumed.accuracies == full.accuracies
+
+    predictions = json.loads(open(os.path.join(resumed.checkpoint, "predictions.json")).read())
+    assert len(predictions) == 16 and set(predictions[0]) == {"benchmark", "index", "output", "extracted", "gold", "correct"}
+
+
+def test_evaluation_before_training_is_the_base_model(local_ray, tmp_path):
+    result = run_trial(TrialConfig(**FAST, max_steps=2, eval_at_start=True, name="start", storage_path=str(tmp_path)))
+    before, after = result.summary["evaluations"]
+    assert (before["step"], after["step"]) == (0, 2)
+    assert set(before) == set(after) == {"step", "accuracy/synthetic", "accuracy/average"}
+
+
+def test_command_line_trial_prints_a_summary(local_ray, tmp_path, capsys):
+    code = main([
+        "--model", "tiny-llama", "--method", "lora", "--rank", "4", "--targets", "q,v", "--max-steps", "2",
+        "--batch-size", "4", "--micro-batch-size", "4", "--eval-mode", "loglik", "--eval-limit", "8",
+        "--storage-path", str(tmp_path), "--name", "cli",
+    ])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "trainable params: 1,792 of " in out  # LoRA r=4 on q (64+64) and v (64+32) in 2 layers
+    assert "accuracy/synthetic: " in out and "wall time: " in out
+
+
+def write_rows(path, rows):
+    path.write_text(json.dumps(rows))
+    return str(path)
+
+
+ROW = {"instruction": "Pick one.\n\nAnswer format: answer1/answer2", "input": "", "output": "the correct answer is answer1", "answer": "answer1"}
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(datasets=["/nonexistent/train.json"]), r"/nonexistent/train.json"),
+        (dict(datasets=["synthetic"], data_fraction=0.0001), r"data_fraction 0.0001 of 2000 rows leaves no row"),
+        (dict(model="no-such-model"), r"unknown model 'no-such-model': use one of 'tiny-llama', 'smollm2-135m'"),
+        (dict(num_workers=3, micro_batch_size=4, batch_size=16), r"batch_size 16 must be a multiple of micro_batch_size x num_workers = 12"),
+        (dict(eval_mode="greedy"), r"eval_mode must be one of 'generate', 'loglik'; got 'greedy'"),
+        (dict(rank=0), r"r must be a positive integer"),
+        (dict(max_steps=0), r"max_steps must be a positive integer; got 0"),
+    ],
+)
+def test_bad_settings_fail_before_any_worker(settings, message):
+    with pytest.raises(ValueError, match=message):
+        prepare(TrialConfig(**{**FAST, **settings}))
+
+
+def test_a_row_without_a_field_names_file_and_row(tmp_path):
+    path = write_rows(tmp_path / "bad.json", [ROW, {k: v for k, v in ROW.items() if k != "output"}])
+    with pytest.raises(ValueError, match=r"bad.json: row 1 has no field 'output'"):
+        prepare(TrialConfig(**{**FAST, "datasets": [path]}))
+
+
+def test_a_benchmark_no_extractor_knows(tmp_path):
+    rows = [{**ROW, "answer": colour} for colour in ("blue", "green", "red")]
+    path = write_rows(tmp_path / "colours.json", rows)
+    with pytest.raises(ValueError, match=r"'colours'"):
+        prepare(TrialConfig(**{**FAST, "eval_datasets": [path]}))
+
+
+def test_loglik_needs_fixed_candidates(tmp_path):
+    rows = [{**ROW, "answer": "12.0"}] * 3
+    path = write_rows(tmp_path / "sums.json", rows)
+    with pytest.raises(ValueError, match=r"eval_mode 'loglik' scores fixed candidates, but 'sums' has 'number' answers"):
+        prepare(TrialConfig(**{**FAST, "eval_datasets": [path]}))
+
+
+def test_more_workers_than_the_cluster_has(local_ray, tmp_path):
+    config = TrialConfig(**{**FAST, "num_workers": 4, "batch_size": 8}, name="big", storage_path=str(tmp_path))
+    with pytest.raises(ValueError, match=r"num_workers 4 need 4 CPUs in all, but this Ray cluster has 2"):
+        run_trial(config)
+    assert not (tmp_path / "big").exists()
+
+
+def test_command_line_bad_input_is_one_line(capsys):
+    assert main(["--model", "no-such-model"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: unknown model 'no-such-model'")
