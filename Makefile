@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test budget clean
+.PHONY: setup test budget trial clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,13 @@ test: $(STAMP)
 
 budget: $(STAMP)
 	$(PY) experiments/parameter_budget.py
+
+# One DenseLoRA trial of the pretrained SmolLM2-135M on the built-in task, evaluated before and after (~17 min on
+# 2 CPU cores; docs/RESULTS.md has what it printed).
+trial: $(STAMP)
+	$(PY) -m densetune.trial --model smollm2-135m --method denselora --rank 32 --datasets synthetic \
+		--max-steps 120 --warmup-steps 12 --batch-size 8 --no-train-on-inputs --eval-mode loglik --eval-at-start \
+		--storage-path runs
 
 clean:
 	rm -rf $(VENV) *.egg-info

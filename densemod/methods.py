@@ -7,7 +7,7 @@ from typing import Callable, Iterable, Optional, Union
 from peft import AdaLoraConfig, LoKrConfig, LoraConfig, PeftConfig, PeftModel, VeraConfig
 
 from .denselora import VARIANTS, DenseLoraConfig
-from .denselora.config import check_alpha, check_dropout, check_rank
+from .denselora.config import check_alpha, check_choice, check_dropout, check_rank
 
 METHODS = ("denselora", "lora", "dora", "vera", "lokr", "adalora")
 PAPER_TARGETS = ("q", "k", "v", "up", "down")
@@ -49,10 +49,8 @@ def build_peft_config(
     becomes its rank dropout; AdaLoRA starts at rank 1.5 * r and prunes to an average of r over `total_steps`,
     which it needs, and its training loop must call `step_hook(model)` after every optimizer step.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {', '.join(map(repr, VARIANTS))}; got {variant!r}")
+    check_choice("method", method, METHODS)
+    check_choice("variant", variant, VARIANTS)
     if method != "denselora" and variant != "denselora":
         raise ValueError(f"variant {variant!r} applies to method 'denselora' only; got method {method!r}")
     check_rank(r)

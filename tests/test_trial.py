@@ -58,13 +58,20 @@ def test_resume_continues_the_uninterrupted_loss_curve(local_ray, tmp_path):
 
     predictions = json.loads(open(os.path.join(resumed.checkpoint, "predictions.json")).read())
     assert len(predictions) == 16 and set(predictions[0]) == {"benchmark", "index", "output", "extracted", "gold", "correct"}
+    saved = json.loads(open(os.path.join(resumed.checkpoint, "summary.json")).read())
+    assert saved["evaluations"] == resumed.summary["evaluations"] and saved["trainable_params"] == 2976
 
 
-def test_evaluation_before_training_is_the_base_model(local_ray, tmp_path):
-    result = run_trial(TrialConfig(**FAST, max_steps=2, eval_at_start=True, name="start", storage_path=str(tmp_path)))
-    before, after = result.summary["evaluations"]
-    assert (before["step"], after["step"]) == (0, 2)
-    assert set(before) == set(after) == {"step", "accuracy/synthetic", "accuracy/average"}
+def test_evaluation_before_during_and_after_training(local_ray, tmp_path):
+    result = run_trial(TrialConfig(
+        **{**FAST, "report_every": 5}, max_steps=4, eval_at_start=True, eval_every=2, name="evals",
+        storage_path=str(tmp_path),
+    ))
+    evaluations = result.summary["evaluations"]
+    assert [e["step"] for e in evaluations] == [0, 2, 4]
+    assert all(set(e) == {"step", "accuracy/synthetic", "accuracy/average"} for e in evaluations)
+    # steps with an evaluation are reported even between report_every steps
+    assert [h["step"] for h in result.summary["history"]] == [2, 4]
 
 
 def test_command_line_trial_prints_a_summary(local_ray, tmp_path, capsys):

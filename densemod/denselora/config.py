@@ -12,7 +12,7 @@ VARIANTS = ("denselora", "freeze", "only_matrix")
 SHARE_SCOPES = ("kind", "layer")
 
 
-def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
 
@@ -81,8 +81,8 @@ class DenseLoraConfig(PeftConfig):
             self.lora_alpha = 2 * self.r
         check_alpha(self.lora_alpha)
         check_dropout(self.lora_dropout)
-        _check_choice("variant", self.variant, VARIANTS)
-        _check_choice("share_scope", self.share_scope, SHARE_SCOPES)
+        check_choice("variant", self.variant, VARIANTS)
+        check_choice("share_scope", self.share_scope, SHARE_SCOPES)
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):

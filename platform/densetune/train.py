@@ -112,10 +112,11 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
                 "trainable_params": report.trainable,
             }
             finished = evaluated_at_end = step == total_steps
-            if finished or (cfg.eval_every and step % cfg.eval_every == 0):
+            evaluating = finished or bool(cfg.eval_every and step % cfg.eval_every == 0)
+            if evaluating:
                 metrics.update(run_evaluation(model, tokenizer, eval_sets, cfg, rank, world, summary, step))
             at_checkpoint = step == stop or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
-            if at_checkpoint or step % cfg.report_every == 0:
+            if at_checkpoint or evaluating or step % cfg.report_every == 0:
                 summary["history"].append(metrics)
                 log(rank, format_metrics(metrics, total_steps))
                 report_to_ray(metrics, model, optimizer, scheduler, position, rank, at_checkpoint, summary if finished else None)
@@ -219,7 +220,8 @@ def report_to_ray(
 ) -> None:
     """Report to Ray Train: every worker calls it (it is a barrier); with a checkpoint, each adds its own part.
 
-    The final checkpoint also keeps the evaluation's predictions, so they persist wherever the storage path is.
+    The final checkpoint also keeps the evaluation's predictions and the run's summary (parameter counts, reported
+    metrics, evaluations), so they persist wherever the storage path is.
     """
     if not checkpoint:
         ray.train.report(metrics)
@@ -233,6 +235,8 @@ def report_to_ray(
             ckpt.save_position(position, folder)
             if final is not None:
                 (folder / "predictions.json").write_text(json.dumps(final["predictions"], indent=1))
+                record = {k: v for k, v in final.items() if k != "predictions"}
+                (folder / "summary.json").write_text(json.dumps(record, indent=1))
         ray.train.report(
             metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
             checkpoint_dir_name=f"checkpoint_{position.step:06d}",

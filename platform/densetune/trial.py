@@ -25,6 +25,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 import densemod
+from densemod.denselora.config import check_choice
 
 from .config import DTYPES, EVAL_MODES, TrialConfig
 from .data import Benchmark, load_benchmark, load_training_rows
@@ -99,11 +100,6 @@ def eval_set(source: str, config: TrialConfig) -> tuple[str, list[dict]]:
         keep = sorted(random.Random(config.seed).sample(range(len(rows)), config.eval_limit))
         rows = [rows[i] for i in keep]
     return benchmark.name, rows
-
-
-def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
 
 
 def check_positive(name: str, value: Any) -> None:

@@ -1,0 +1,29 @@
+"""ray_cluster.yaml is a valid Ray cluster-launcher config, checked offline against Ray's own schema."""
+
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+CONFIG = Path(__file__).resolve().parents[1] / "ray_cluster.yaml"
+
+
+def load() -> dict:
+    return yaml.safe_load(CONFIG.read_text())
+
+
+def test_the_cluster_config_passes_rays_schema():
+    config = prepare_config(load())  # fills in Ray's defaults, as `ray up` does
+    validate_config(config)
+    assert config["head_node_type"] == "head"
+    assert config["available_node_types"]["gpu_worker"]["max_workers"] > 0
+    assert any("pip install" in command and "densemod" in command for command in config["setup_commands"])
+
+
+def test_the_schema_check_catches_a_misspelt_field():
+    config = load()
+    config["max_worker"] = config.pop("max_workers")
+    with pytest.raises(jsonschema.ValidationError, match="max_worker"):
+        validate_config(prepare_config(config))
