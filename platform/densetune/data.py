@@ -107,7 +107,12 @@ def subsample(rows: list[dict], fraction: float, seed: int) -> list[dict]:
     keep = int(len(rows) * fraction)
     if keep == 0:
         raise ValueError(f"data_fraction {fraction} of {len(rows)} rows leaves no row: use a larger fraction")
-    chosen = sorted(random.Random(seed).sample(range(len(rows)), keep))
+    return sample_rows(rows, keep, seed)
+
+
+def sample_rows(rows: list[dict], count: int, seed: int) -> list[dict]:
+    """`count` rows chosen with `seed`, in their original order: the same rows for the same seed."""
+    chosen = sorted(random.Random(seed).sample(range(len(rows)), count))
     return [rows[index] for index in chosen]
 
 

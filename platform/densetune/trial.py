@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import random
 import sys
 import time
 import typing
@@ -28,7 +27,7 @@ import densemod
 from densemod.denselora.config import check_choice
 
 from .config import DTYPES, EVAL_MODES, TrialConfig
-from .data import Benchmark, load_benchmark, load_training_rows
+from .data import Benchmark, load_benchmark, load_training_rows, sample_rows
 from .evaluate import LABEL_FORMATS, answer_format
 from .models import check_model_name
 from .train import train_loop
@@ -97,8 +96,7 @@ def eval_set(source: str, config: TrialConfig) -> tuple[str, list[dict]]:
     rows = benchmark.rows
     if config.eval_limit and config.eval_limit < len(rows):
         # A fixed subset: the same questions for every trial with the same seed.
-        keep = sorted(random.Random(config.seed).sample(range(len(rows)), config.eval_limit))
-        rows = [rows[i] for i in keep]
+        rows = sample_rows(rows, config.eval_limit, config.seed)
     return benchmark.name, rows
 
 
