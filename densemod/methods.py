@@ -16,13 +16,21 @@ TARGET_ALIASES = {
     "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
     "gate": "gate_proj", "up": "up_proj", "down": "down_proj",
 }
+# The paper's target-module sets by name (its QKV, UD, QKVUD, ...). A set name is recognised only as the whole value,
+# so a module that happens to be called "qkv" can still be targeted as ["qkv"].
+TARGET_SETS = {
+    "qkv": "q,k,v", "ud": "up,down", "qkvud": "q,k,v,up,down", "qkvo": "q,k,v,o", "qkvoud": "q,k,v,o,up,down",
+    "all-linear": "all-linear",
+}
 
 
 def resolve_targets(targets: Union[str, Iterable[str]]) -> Union[str, list[str]]:
-    """'q,k,v' or ['q', 'k_proj'] -> ['q_proj', 'k_proj', 'v_proj']; 'all-linear' stays as it is.
+    """'q,k,v', 'qkv' or ['q', 'k_proj', 'v'] -> ['q_proj', 'k_proj', 'v_proj']; 'all-linear' stays as it is.
 
     For a regex over module paths, build the method's PEFT config directly.
     """
+    if isinstance(targets, str):
+        targets = TARGET_SETS.get(targets, targets)
     if targets == "all-linear":
         return targets
     names = targets.split(",") if isinstance(targets, str) else list(targets)

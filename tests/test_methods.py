@@ -18,6 +18,9 @@ def test_short_target_names_resolve_to_llama_module_names():
     assert resolve_targets("q,k,v,up,down") == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
     assert resolve_targets(["o", "gate_proj", "lm_head"]) == ["o_proj", "gate_proj", "lm_head"]
     assert resolve_targets("all-linear") == "all-linear"
+    assert resolve_targets("qkvud") == resolve_targets("q,k,v,up,down")
+    assert resolve_targets("qkvo") == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert resolve_targets(["qkv"]) == ["qkv"]  # a list names modules, never a set
 
 
 @pytest.mark.parametrize("method", densemod.METHODS)

@@ -7,6 +7,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from peft import PeftConfig
+
+import densemod
+
 EVAL_MODES = ("generate", "loglik")
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -56,6 +60,12 @@ class TrialConfig:
     max_new_tokens: int = 32
     name: Optional[str] = None  # the run's folder under storage_path; an existing one is resumed
     storage_path: str = "runs"
+
+    def peft_config(self, total_steps: int) -> PeftConfig:
+        """The adapter this trial trains (total_steps matters to AdaLoRA's schedule only)."""
+        return densemod.build_peft_config(
+            self.method, self.rank, self.alpha, self.dropout, self.targets, self.variant, total_steps=total_steps
+        )
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

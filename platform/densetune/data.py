@@ -100,10 +100,14 @@ def load_training_rows(sources: Sequence[str], data_fraction: float = 1.0, seed:
     return subsample(rows, data_fraction, seed)
 
 
-def subsample(rows: list[dict], fraction: float, seed: int) -> list[dict]:
-    """int(len(rows) * fraction) rows chosen with `seed`, in their original order."""
+def check_fraction(fraction: float) -> None:
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise ValueError(f"data_fraction must be a number in (0, 1], got {fraction!r}")
+
+
+def subsample(rows: list[dict], fraction: float, seed: int) -> list[dict]:
+    """int(len(rows) * fraction) rows chosen with `seed`, in their original order."""
+    check_fraction(fraction)
     keep = int(len(rows) * fraction)
     if keep == 0:
         raise ValueError(f"data_fraction {fraction} of {len(rows)} rows leaves no row: use a larger fraction")

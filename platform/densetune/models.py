@@ -10,10 +10,11 @@ from __future__ import annotations
 import importlib.metadata
 import os
 from pathlib import Path
+from typing import Optional
 
 import torch
 from transformers import (
-    AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase,
+    AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
 
@@ -44,15 +45,16 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama_config() -> LlamaConfig:
     tokenizer_size = 260
-    config = LlamaConfig(
-        vocab_size=tokenizer_size, bos_token_id=1, eos_token_id=2, pad_token_id=3, **TINY_LLAMA
-    )
+    return LlamaConfig(vocab_size=tokenizer_size, bos_token_id=1, eos_token_id=2, pad_token_id=3, **TINY_LLAMA)
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     # The weights are random but reproducible: the same seed gives the same model in every process.
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return LlamaForCausalLM(config)
+        return LlamaForCausalLM(tiny_llama_config())
 
 
 def smollm2_folder() -> Path:
@@ -100,6 +102,20 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> 
         return tiny_llama(seed).to(dtype)
     path = smollm2_folder() if name == "smollm2-135m" else name
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+def meta_model(name: str) -> Optional[PreTrainedModel]:
+    """The model's architecture on the meta device (no weights, no memory), to check an adapter against it before any
+    worker starts; None when its config cannot be read here (a Hub id without network: the workers will check)."""
+    if name == "tiny-llama":
+        config = tiny_llama_config()
+    else:
+        try:
+            config = AutoConfig.from_pretrained(smollm2_folder() if name == "smollm2-135m" else name)
+        except OSError:
+            return None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def check_model_name(name: str) -> None:

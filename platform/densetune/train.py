@@ -30,7 +30,7 @@ import densemod
 
 from . import checkpoint as ckpt
 from .config import TrialConfig
-from .data import collate, tokenize
+from .data import IGNORE_INDEX, collate, tokenize
 from .evaluate import accuracy, evaluate
 from .models import load_model, load_tokenizer
 
@@ -47,9 +47,13 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     on_gpu = device.type == "cuda"
 
     tokenizer = load_tokenizer(cfg.model)
-    examples = [tokenize(row, tokenizer, cfg.cutoff_len, cfg.train_on_inputs) for row in ray.get(loop_config["train_rows"])]
+    examples = trainable_examples(
+        [tokenize(row, tokenizer, cfg.cutoff_len, cfg.train_on_inputs) for row in ray.get(loop_config["train_rows"])], cfg, rank
+    )
     eval_sets = ray.get(loop_config["eval_sets"])
     steps_per_epoch = len(examples) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(examples)} trainable examples make no batch of batch_size {cfg.batch_size}")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     stop = min(total_steps, cfg.stop_after_step or total_steps)
 
@@ -59,10 +63,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing recomputes the shared encoder correctly under DDP.
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    peft_config = densemod.build_peft_config(
-        cfg.method, cfg.rank, cfg.alpha, cfg.dropout, cfg.targets, cfg.variant, total_steps=total_steps
-    )
-    model = get_peft_model(base, peft_config).to(device)
+    model = get_peft_model(base, cfg.peft_config(total_steps)).to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
     after_step = densemod.step_hook(model)
@@ -82,10 +83,15 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     ddp_model = ray.train.torch.prepare_model(model)
 
     report = densemod.parameter_report(model)
-    summary: dict[str, Any] = {
+    # Constant for the run (node_id: where rank 0 runs), reported with every metric so that whoever tracks the run
+    # sees them from the start.
+    facts = {
         "trainable_params": report.trainable, "total_params": report.total, "trainable_pct": report.trainable_pct,
-        "total_steps": total_steps, "resumed_from_step": position.step if restored else None,
-        "history": [], "evaluations": [], "predictions": [],
+        "total_steps": total_steps, "node_id": ray.get_runtime_context().get_node_id(),
+    }
+    summary: dict[str, Any] = {
+        **facts, "resumed_from_step": position.step if restored else None, "history": [], "evaluations": [],
+        "predictions": [],
     }
     log(rank, f"{report} | steps {position.step}->{stop} of {total_steps} | {world} worker(s) on {device}")
 
@@ -107,9 +113,10 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
 
             step = position.step
             metrics = {
-                "step": step, "epoch": step / steps_per_epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                "step": step, "epoch": step / steps_per_epoch, "loss": loss,
+                "learning_rate": scheduler.get_last_lr()[0],
                 "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "peak_memory_mb": peak_memory_mb(on_gpu),
-                "trainable_params": report.trainable,
+                **facts,
             }
             finished = evaluated_at_end = step == total_steps
             evaluating = finished or bool(cfg.eval_every and step % cfg.eval_every == 0)
@@ -128,6 +135,16 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         metrics = {"step": position.step, **run_evaluation(model, tokenizer, eval_sets, cfg, rank, world, summary, position.step)}
         report_to_ray(metrics, model, optimizer, scheduler, position, rank, True, summary)
     return summary
+
+
+def trainable_examples(examples: list[dict], cfg: TrialConfig, rank: int) -> list[dict]:
+    """Drop the examples whose answer the cutoff removed: with the prompt masked they have no target token, and a
+    batch of them would divide the loss by zero."""
+    kept = [e for e in examples if any(label != IGNORE_INDEX for label in e["labels"][1:])]
+    if len(kept) < len(examples):
+        log(rank, f"{len(examples) - len(kept)} of {len(examples)} examples have no target token within cutoff_len "
+                  f"{cfg.cutoff_len} and are skipped")
+    return kept
 
 
 def model_dtype(name: str, on_gpu: bool) -> torch.dtype:
@@ -251,7 +268,7 @@ def peak_memory_mb(on_gpu: bool) -> float:
 
 def format_metrics(metrics: dict[str, Any], total_steps: int) -> str:
     return (
-        f"step {metrics['step']}/{total_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+        f"step {metrics['step']}/{total_steps} loss {metrics['loss']:.4f} lr {metrics['learning_rate']:.2e} "
         f"{metrics['tokens_per_s']:.0f} tok/s {metrics['step_time_s']:.2f} s/step {format_accuracies(metrics)}"
     ).rstrip()
 

@@ -17,19 +17,20 @@ import typing
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import ray
 import ray.train
+from peft import get_peft_model
 from ray.train.torch import TorchTrainer
 
 import densemod
 from densemod.denselora.config import check_choice
 
 from .config import DTYPES, EVAL_MODES, TrialConfig
-from .data import Benchmark, load_benchmark, load_training_rows, sample_rows
+from .data import Benchmark, check_fraction, load_benchmark, load_training_rows, sample_rows
 from .evaluate import LABEL_FORMATS, answer_format
-from .models import check_model_name
+from .models import check_model_name, meta_model
 from .train import train_loop
 
 # Ray Train polls workers for reports every 2 s by default, and each report waits for the poll.
@@ -59,10 +60,18 @@ class TrialResult:
 
 def prepare(config: TrialConfig) -> TrialInputs:
     """Check the configuration and load the data; every error here is one line naming the bad value."""
+    check_config(config)
+    check_adapter_fits(config)
+    rows = load_training_rows(config.datasets, config.data_fraction, config.seed)
+    if len(rows) < config.batch_size:
+        raise ValueError(f"{len(rows)} training rows make no batch of batch_size {config.batch_size}")
+    return TrialInputs(rows, [eval_set(source, config) for source in eval_sources(config)])
+
+
+def check_config(config: TrialConfig) -> None:
+    """Every check that needs no data and no Ray: cheap enough to run on each point of a sweep's grid."""
     check_model_name(config.model)
-    densemod.build_peft_config(
-        config.method, config.rank, config.alpha, config.dropout, config.targets, config.variant, total_steps=2
-    )
+    config.peft_config(total_steps=2)
     check_choice("eval_mode", config.eval_mode, EVAL_MODES)
     check_choice("dtype", config.dtype, DTYPES)
     for name in ("num_workers", "batch_size", "micro_batch_size", "epochs", "report_every", "cutoff_len"):
@@ -70,15 +79,20 @@ def prepare(config: TrialConfig) -> TrialInputs:
     for name in ("max_steps", "stop_after_step", "checkpoint_every", "eval_every", "eval_limit"):
         if getattr(config, name) is not None:
             check_positive(name, getattr(config, name))
+    check_fraction(config.data_fraction)
     per_step = config.micro_batch_size * config.num_workers
     if config.batch_size % per_step:
         raise ValueError(
             f"batch_size {config.batch_size} must be a multiple of micro_batch_size x num_workers = {per_step}"
         )
-    rows = load_training_rows(config.datasets, config.data_fraction, config.seed)
-    if len(rows) < config.batch_size:
-        raise ValueError(f"{len(rows)} training rows make no batch of batch_size {config.batch_size}")
-    return TrialInputs(rows, [eval_set(source, config) for source in eval_sources(config)])
+
+
+def check_adapter_fits(config: TrialConfig) -> None:
+    """Apply the adapter to the model's architecture on the meta device: a target that names no module of this model
+    fails here, in one line, instead of on every worker."""
+    model = meta_model(config.model)
+    if model is not None:
+        get_peft_model(model, config.peft_config(total_steps=2), low_cpu_mem_usage=True)
 
 
 def eval_sources(config: TrialConfig) -> list[str]:
@@ -106,11 +120,20 @@ def check_positive(name: str, value: Any) -> None:
 
 
 def ensure_ray() -> None:
-    """Use the Ray this process already joined, else the cluster in RAY_ADDRESS, else start a local one."""
+    """Use the Ray this process already joined, else the cluster in RAY_ADDRESS, else start a local one.
+
+    Joining a cluster, the project's own packages travel in the runtime environment, so every node runs the code
+    this driver runs.
+    """
     if ray.is_initialized():
         return
     os.environ.update({k: os.environ.get(k, v) for k, v in RAY_ENV.items()})
-    ray.init(runtime_env={"env_vars": {k: os.environ[k] for k in RAY_ENV}})
+    runtime_env: dict[str, Any] = {"env_vars": {k: os.environ[k] for k in RAY_ENV}}
+    if os.environ.get("RAY_ADDRESS"):
+        import densetune
+
+        runtime_env["py_modules"] = [densemod, densetune]
+    ray.init(runtime_env=runtime_env)
 
 
 def uses_gpu(config: TrialConfig) -> bool:
@@ -118,27 +141,34 @@ def uses_gpu(config: TrialConfig) -> bool:
 
 
 def check_placeable(config: TrialConfig, gpu: bool) -> None:
-    """A worker group larger than the cluster would wait forever: refuse it.
+    """A worker group that no node can host, or that is larger than the cluster, would wait forever: refuse it.
 
     Skipped for a cluster reached through RAY_ADDRESS (ray job submit sets it): an autoscaling cluster grows to
     fit, and only its autoscaler knows how far.
     """
     if os.environ.get("RAY_ADDRESS"):
         return
+    per_worker = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if gpu else {})}
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    if not any(all(node.get(kind, 0) >= amount for kind, amount in per_worker.items()) for node in nodes):
+        raise ValueError(
+            f"one worker needs {per_worker}, more than any node of this Ray cluster has: lower cpus_per_worker or "
+            "gpus_per_worker"
+        )
     have = ray.cluster_resources()
-    need = {"CPU": config.num_workers * config.cpus_per_worker}
-    if gpu:
-        need["GPU"] = config.num_workers * config.gpus_per_worker
-    for kind, amount in need.items():
-        if amount > have.get(kind, 0):
+    for kind, amount in per_worker.items():
+        if amount * config.num_workers > have.get(kind, 0):
             raise ValueError(
-                f"num_workers {config.num_workers} need {amount:g} {kind}s in all, but this Ray cluster has "
-                f"{have.get(kind, 0):g}: use fewer workers or fewer {kind}s per worker"
+                f"num_workers {config.num_workers} need {amount * config.num_workers:g} {kind}s in all, but this Ray "
+                f"cluster has {have.get(kind, 0):g}: use fewer workers or fewer {kind}s per worker"
             )
 
 
-def run_trial(config: TrialConfig) -> TrialResult:
-    """Run one trial to the end (or to stop_after_step) and return rank 0's summary."""
+def run_trial(config: TrialConfig, callbacks: Sequence[ray.train.UserCallback] = ()) -> TrialResult:
+    """Run one trial to the end (or to stop_after_step) and return rank 0's summary.
+
+    `callbacks` go to Ray Train's RunConfig: a sweep passes Tune's report callback there.
+    """
     started = time.perf_counter()
     inputs = prepare(config)
     ensure_ray()
@@ -159,6 +189,7 @@ def run_trial(config: TrialConfig) -> TrialResult:
             name=config.name or default_name(config),
             storage_path=str(Path(config.storage_path).resolve()),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks),
         ),
     )
     result = trainer.fit()

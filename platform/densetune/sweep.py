@@ -1,0 +1,246 @@
+"""A sweep: Ray Tune over fine-tuning trials, each trial a Ray Train worker group, every trial tracked in MLflow.
+
+    from densetune import SweepConfig, TrialConfig, run_sweep
+    result = run_sweep(SweepConfig("rank_sweep", {"rank": [8, 16, 32]}, TrialConfig(max_steps=60)))
+    print(result.trials[["rank", "trainable_params", "accuracy/average"]])
+
+The sweep's folder is <storage_path>/<name>: Tune's experiment state, and under trials/ each trial's Ray Train run
+(checkpoints). Running it again with resume=True continues it; finished trials are not run again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+import pyarrow.fs
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.sample import Domain
+
+import densemod
+from densemod.denselora.config import check_choice
+
+from .config import TrialConfig
+from .trial import check_adapter_fits, check_config, check_placeable, check_positive, ensure_ray, prepare, run_trial, uses_gpu
+from .tracking import SweepTracker, artifact_root, check_tracking_uri, default_tracking_uri, sweep_runs
+
+SEARCHABLE = ("rank", "targets", "data_fraction", "method", "variant", "lr", "alpha", "dropout", "seed")
+SEARCHES = ("grid", "random", "optuna")
+SCHEDULERS = ("fifo", "asha")
+# A trial's driver only starts its worker group and waits: a sliver of memory, no CPU, so that a 2-worker trial
+# still fits a 2-CPU machine (Tune's default of 1 CPU per trial would leave it 1).
+DRIVER_RESOURCES = {"memory": 256 * 2**20}
+# Search values for "method" may also name a DenseLoRA variant: one axis compares the paper's variants with the
+# PEFT baselines.
+RECORD = "densetune_sweep.json"  # in the sweep's folder: its study and tracking store, for --resume
+METHOD_CHOICES = (*densemod.METHODS, *(v for v in densemod.VARIANTS if v != "denselora"))
+
+
+@dataclass
+class SweepConfig:
+    study: str  # the MLflow experiment: sweeps of one study are compared there
+    space: dict[str, Any]  # a searchable setting -> a list of values (or a ray.tune distribution, random/optuna)
+    trial: TrialConfig = field(default_factory=TrialConfig)  # every other setting; its storage_path holds the sweep
+    search: str = "grid"  # grid: every combination; random: num_samples draws; optuna: Bayesian, num_samples trials
+    num_samples: int = 1  # grid: passes over the grid (with different seeds only if seed is searched)
+    scheduler: str = "fifo"  # asha: stop the worse trials early, at steps grace_period, 2x, 4x, ...
+    metric: str = "accuracy/average"  # what optuna and asha compare; ASHA sees it only where a trial reports it
+    mode: str = "max"
+    grace_period: int = 10
+    max_concurrent: int = 0  # 0: as many trials at once as the cluster fits
+    name: Optional[str] = None  # the sweep's folder and MLflow name; None: <study>-<time>
+    tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite in the storage path
+    resume: bool = False  # continue the sweep called `name`: unfinished trials resume, finished ones are kept
+
+
+@dataclass
+class SweepResult:
+    name: str
+    path: str  # the sweep's folder: Tune's state and each trial's checkpoints
+    tracking_uri: str
+    trials: pd.DataFrame  # sweep_runs(): one row per trial, params, last metrics, status
+
+
+def trial_config(params: dict[str, Any]) -> TrialConfig:
+    """A Tune trial's parameters as a TrialConfig; a variant named as the method means DenseLoRA with that variant."""
+    params = dict(params)
+    if params.get("method") in densemod.VARIANTS and params["method"] != "denselora":
+        params["method"], params["variant"] = "denselora", params["method"]
+    return TrialConfig.from_dict(params)
+
+
+def sweep_trial(params: dict[str, Any]) -> None:
+    """The Tune trainable: one trial's Ray Train run, its reports forwarded to Tune.
+
+    The Train run is named for the Tune trial, so a restored sweep resumes it from its last checkpoint.
+    """
+    config = dataclasses.replace(trial_config(params), name=tune.get_context().get_trial_id())
+    run_trial(config, callbacks=[TuneReportCallback()])
+
+
+def check_space(sweep: SweepConfig) -> None:
+    """Names, values and every combination of values, checked before anything starts."""
+    if not sweep.space:
+        raise ValueError(f"the search space is empty: give at least one of {list(SEARCHABLE)} a list of values")
+    for key, values in sweep.space.items():
+        if key not in SEARCHABLE:
+            raise ValueError(f"unknown search dimension {key!r}; allowed: {', '.join(SEARCHABLE)}")
+        if isinstance(values, Domain):
+            if sweep.search == "grid":
+                raise ValueError(f"{key}: grid search needs a list of values, not a distribution")
+        elif not isinstance(values, (list, tuple)) or not values:
+            raise ValueError(f"{key}: give a non-empty list of values; got {values!r}")
+        if key == "method":
+            for value in values if isinstance(values, (list, tuple)) else []:
+                check_choice("method", value, METHOD_CHOICES)
+    base = dataclasses.asdict(sweep.trial)
+    adapters = set()
+    for point in itertools.islice(grid_points(sweep.space), 10_000):
+        config = trial_config({**base, **point})
+        try:
+            check_config(config)
+            # The adapter against the model's architecture, once per kind of adapter (it builds the model on meta).
+            if (config.method, config.variant, config.targets) not in adapters:
+                check_adapter_fits(config)
+                adapters.add((config.method, config.variant, config.targets))
+        except ValueError as error:
+            where = " ".join(f"{k}={v}" for k, v in point.items())
+            raise ValueError(f"the trial {where}: {error}") from None
+
+
+def grid_points(space: dict[str, Any]) -> Any:
+    """Every combination of the listed values; a distribution contributes one sample."""
+    axes = [values if isinstance(values, (list, tuple)) else [values.sample()] for values in space.values()]
+    return (dict(zip(space, combination)) for combination in itertools.product(*axes))
+
+
+def check_sweep(sweep: SweepConfig) -> None:
+    if not sweep.study or not sweep.study.strip():
+        raise ValueError("study must name the MLflow experiment; got an empty name")
+    check_choice("search", sweep.search, SEARCHES)
+    check_choice("scheduler", sweep.scheduler, SCHEDULERS)
+    check_choice("mode", sweep.mode, ("max", "min"))
+    check_positive("num_samples", sweep.num_samples)
+    check_positive("grace_period", sweep.grace_period)
+    if isinstance(sweep.max_concurrent, bool) or not isinstance(sweep.max_concurrent, int) or sweep.max_concurrent < 0:
+        raise ValueError(f"max_concurrent must be a non-negative integer (0: no limit); got {sweep.max_concurrent!r}")
+    check_space(sweep)
+
+
+def check_storage(path: str) -> None:
+    """Write and remove a probe file, so a read-only or mistyped storage path fails before any trial."""
+    probe = f"{storage_root(path)}/.densetune-write-check-{uuid.uuid4().hex}"
+    try:
+        write_text(probe, "ok")
+        filesystem, inner = pyarrow.fs.FileSystem.from_uri(probe)
+        filesystem.delete_file(inner)
+    except (OSError, ValueError, pyarrow.ArrowException) as error:
+        raise ValueError(f"storage_path {path!r} cannot be written ({error}): pass a folder or URI you can write") from None
+
+
+def param_space(sweep: SweepConfig, folder: str) -> dict[str, Any]:
+    """The trial's settings with the searched ones as Tune domains; trials keep their runs inside the sweep's folder."""
+    space = {**dataclasses.asdict(sweep.trial), "storage_path": f"{folder}/trials"}
+    for key, values in sweep.space.items():
+        if isinstance(values, Domain):
+            space[key] = values
+        else:
+            space[key] = tune.grid_search(list(values)) if sweep.search == "grid" else tune.choice(list(values))
+    return space
+
+
+def tune_config(sweep: SweepConfig) -> tune.TuneConfig:
+    scheduler = None
+    if sweep.scheduler == "asha":
+        # Time is the optimizer step, reported with every metric. Without max_steps the length of a trial is known only
+        # to the trial: a bound that no trial reaches just adds rungs that are never used.
+        max_t = sweep.trial.max_steps or 10**9
+        scheduler = ASHAScheduler(time_attr="step", max_t=max_t, grace_period=min(sweep.grace_period, max_t))
+    search_alg = None
+    if sweep.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=sweep.trial.seed)
+    return tune.TuneConfig(
+        metric=sweep.metric, mode=sweep.mode, scheduler=scheduler, search_alg=search_alg,
+        num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent or None,
+    )
+
+
+def run_sweep(sweep: SweepConfig) -> SweepResult:
+    """Check everything, run the sweep's trials on Ray Tune, and return the sweep's trials from the tracking store."""
+    check_sweep(sweep)
+    name = sweep.name or f"{sweep.study}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    root = storage_root(sweep.trial.storage_path)
+    folder = f"{root}/{name}"
+    uri = sweep.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(sweep.trial.storage_path)
+    if sweep.resume:
+        if not tune.Tuner.can_restore(folder):
+            raise ValueError(f"there is no sweep to resume at {folder}: check --name and --storage-path")
+        # A resumed sweep keeps its study, store, search space and settings: Tune and this record saved them.
+        study, uri = (json.loads(read_text(f"{folder}/{RECORD}"))[k] for k in ("study", "tracking_uri"))
+        sweep = dataclasses.replace(sweep, study=study)
+    elif tune.Tuner.can_restore(folder):
+        raise ValueError(f"sweep {name!r} already exists at {folder}: pass --resume to continue it, or another --name")
+    check_storage(sweep.trial.storage_path)
+    check_tracking_uri(uri)
+    # The data once, at the smallest fraction searched: every trial must get at least one batch.
+    fractions = sweep.space.get("data_fraction", [sweep.trial.data_fraction])
+    prepare(dataclasses.replace(sweep.trial, data_fraction=min(fractions) if isinstance(fractions, list) else 1.0))
+    ensure_ray()
+    check_placeable(sweep.trial, uses_gpu(sweep.trial))
+
+    # Trials report accuracy only when they evaluate; Tune would otherwise reject every report without it.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    trainable = tune.with_resources(sweep_trial, DRIVER_RESOURCES)
+    tracker = SweepTracker(uri, sweep.study, name, trial_config, list(sweep.space), sweep_params(sweep), artifact_root(uri))
+    if sweep.resume:
+        tuner = tune.Tuner.restore(folder, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        write_text(f"{folder}/{RECORD}", json.dumps({"study": sweep.study, "tracking_uri": uri, **sweep_params(sweep)}))
+        tuner = tune.Tuner(
+            trainable, param_space=param_space(sweep, folder), tune_config=tune_config(sweep),
+            run_config=tune.RunConfig(name=name, storage_path=root, callbacks=[tracker]),
+        )
+    try:
+        tuner.fit()
+    finally:
+        tracker.close("FINISHED")  # also after an interrupt or a failure: no run is left RUNNING
+    return SweepResult(name, folder, uri, sweep_runs(name, uri, sweep.study))
+
+
+def read_text(path: str) -> str:
+    filesystem, inner = pyarrow.fs.FileSystem.from_uri(path)
+    with filesystem.open_input_stream(inner) as stream:
+        return stream.read().decode()
+
+
+def write_text(path: str, text: str) -> None:
+    filesystem, inner = pyarrow.fs.FileSystem.from_uri(path)
+    filesystem.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(inner) as stream:
+        stream.write(text.encode())
+
+
+def storage_root(path: str) -> str:
+    return path.rstrip("/") if "://" in path else str(Path(path).resolve())
+
+
+def sweep_params(sweep: SweepConfig) -> dict[str, str]:
+    """The parent run's params: how the sweep searched."""
+    space = {k: v if isinstance(v, (list, tuple)) else str(v) for k, v in sweep.space.items()}
+    return {
+        "space": json.dumps(space), "search": sweep.search, "num_samples": str(sweep.num_samples),
+        "scheduler": sweep.scheduler, "metric": sweep.metric, "mode": sweep.mode,
+        "max_concurrent": str(sweep.max_concurrent), "model": sweep.trial.model, "datasets": ",".join(sweep.trial.datasets),
+    }

@@ -1,0 +1,309 @@
+"""The sweep's MLflow record: one parent run per sweep, one child run per trial, written by the sweep's driver.
+
+Ray's MLflowLoggerCallback is not used: it logs every numeric key of every Tune result (config/ prefixes, pids,
+timestamps, trial ids parsed as numbers) and leaves the runs of a killed driver RUNNING. This callback logs the
+trial's configuration as the user wrote it, the training loop's own metrics, and always ends a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import tempfile
+import time
+import typing
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import pandas as pd
+import pyarrow.fs
+import ray.train
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
+from ray import tune
+
+from .config import TrialConfig
+
+# Reported once per trial and constant: logged as params, not as metric series.
+FACTS = {"trainable_params": int, "total_params": int, "trainable_pct": float, "total_steps": int}
+STEP_METRICS = ("loss", "learning_rate", "tokens_per_s", "step_time_s", "peak_memory_mb", "epoch")
+ROLE, SWEEP, STUDY, TRIAL_ID, NODE_ID = "densetune.role", "sweep", "study", "ray.trial_id", "ray.node_id"
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+RECORD_FILES = ("predictions.json", "summary.json")
+
+
+def default_tracking_uri(storage_path: str) -> str:
+    """An embedded store: sqlite in the run folder (or ./runs when the run folder is remote), as an absolute URI
+    because Ray's processes run in other directories."""
+    folder = Path("runs" if "://" in storage_path else storage_path).resolve()
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def artifact_root(uri: str) -> Optional[str]:
+    """Artifacts of an embedded sqlite store go beside the database (MLflow's default is relative to the current
+    directory, which differs between Ray's processes); a server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts")
+    return None
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Reach the store once, before any trial starts: a server must answer, a database must open."""
+    try:
+        if uri.startswith(("http://", "https://")):
+            # MLflow's own client retries for minutes; the server's health endpoint answers at once or not at all.
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).close()
+        else:
+            if uri.startswith("sqlite:///"):
+                Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as error:  # noqa: BLE001 - any failure here means the same thing to the user
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(
+            f"tracking URI {uri!r} cannot be reached ({reason}): start the MLflow server, or pass another "
+            "--tracking-uri (or none, for the embedded sqlite store)"
+        ) from None
+
+
+def ui_command(uri: str) -> str:
+    """The command that opens the MLflow UI on this store."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
+
+def git_commit() -> str:
+    folder = Path(__file__).resolve().parent
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"  # e.g. a job's working_dir, which Ray uploads without .git
+
+
+def config_params(config: TrialConfig) -> dict[str, str]:
+    """The trial's settings as MLflow params, with derived defaults spelt out (alpha = 2r, eval sets = train sets)."""
+    values = dataclasses.asdict(config)
+    values["alpha"] = 2 * config.rank if config.alpha is None else config.alpha
+    values["eval_datasets"] = config.eval_datasets or config.datasets
+    del values["name"]  # the Ray trial id, kept as a tag
+    return {k: ",".join(map(str, v)) if isinstance(v, list) else str(v) for k, v in values.items() if v is not None}
+
+
+class SweepTracker(tune.Callback):
+    """A Tune callback on the sweep's driver that mirrors every trial into MLflow.
+
+    It finds its runs by tags, never by remembered ids, so a resumed sweep (a new driver, a restored callback)
+    continues the same parent and child runs.
+    """
+
+    def __init__(
+        self, uri: str, study: str, sweep: str, to_config: Callable[[dict], TrialConfig], searched: Sequence[str],
+        sweep_params: dict[str, str], artifact_root: Optional[str] = None,
+    ):
+        self.uri, self.study, self.sweep, self.to_config = uri, study, sweep, to_config
+        self.searched, self.sweep_params, self.artifact_root = list(searched), sweep_params, artifact_root
+        self._reset()
+
+    def _reset(self) -> None:
+        self._client: Optional[MlflowClient] = None
+        self._experiment_id: Optional[str] = None
+        self._runs: dict[str, str] = {}  # trial id -> child run id
+        self._checkpoints: dict[str, str] = {}  # trial id -> last reported checkpoint path
+        self._last: dict[str, dict] = {}  # trial id -> last result with a step
+        self._nodes: dict[str, str] = {}  # trial id -> the node its rank 0 runs on
+
+    # Tune pickles its callbacks with the experiment state; the client and the caches are rebuilt on restore.
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(self.uri)
+        return self._client
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            found = self.client.get_experiment_by_name(self.study)
+            self._experiment_id = found.experiment_id if found else self.client.create_experiment(
+                self.study, artifact_location=self.artifact_root
+            )
+        return self._experiment_id
+
+    def parent_run_id(self) -> str:
+        """The sweep's run, created on first use and reopened on resume."""
+        runs = self._search(f"tags.`{ROLE}` = 'sweep'")
+        if runs:
+            self._reopen(runs[0].info.run_id, runs[0].info.status)
+            return runs[0].info.run_id
+        run = self.client.create_run(
+            self.experiment_id, run_name=self.sweep,
+            tags={ROLE: "sweep", SWEEP: self.sweep, STUDY: self.study, MLFLOW_GIT_COMMIT: git_commit()},
+        )
+        self._log(run.info.run_id, params=self.sweep_params)
+        return run.info.run_id
+
+    # Tune's hooks
+
+    def setup(self, **info: Any) -> None:
+        self.parent_run_id()
+
+    def on_trial_start(self, iteration: int, trials: list, trial: tune.experiment.Trial, **info: Any) -> None:
+        self._child(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: tune.experiment.Trial, result: dict, **info: Any) -> None:
+        run_id = self._child(trial)
+        if "checkpoint_path" in result:
+            self._checkpoints[trial.trial_id] = result["checkpoint_path"]
+        if "step" not in result:
+            return
+        self._last[trial.trial_id] = result
+        stamp, step = now_ms(), int(result["step"])
+        names = [k for k in result if k in STEP_METRICS or k.startswith("accuracy/")]
+        metrics = [Metric(k, float(result[k]), stamp, step) for k in names if result[k] is not None]
+        facts = {k: str(cast(result[k])) for k, cast in FACTS.items() if k in result}
+        self._log(run_id, params=facts, metrics=metrics)
+        if result.get("node_id") and self._nodes.get(trial.trial_id) != result["node_id"]:
+            # a tag, not a param: a resumed trial may run on another node
+            self.client.set_tag(run_id, NODE_ID, result["node_id"])
+            self._nodes[trial.trial_id] = result["node_id"]
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: tune.experiment.Trial, **info: Any) -> None:
+        run_id = self._child(trial)
+        last = self._last.get(trial.trial_id, {})
+        config = self.to_config(trial.config)
+        goal = min(last.get("total_steps", 0), config.stop_after_step or last.get("total_steps", 0))
+        finished = bool(last) and last["step"] >= goal
+        wall_time = (trial.last_result or {}).get("time_total_s")
+        if wall_time is not None:
+            self._log(run_id, metrics=[Metric("wall_time_s", float(wall_time), now_ms(), int(last.get("step", 0)))])
+        self._log_artifacts(run_id, trial, config)
+        if not finished:
+            self.client.set_tag(run_id, "stopped_early", "true")  # by the scheduler, before its last step
+        self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED if finished else RunStatus.KILLED))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: tune.experiment.Trial, **info: Any) -> None:
+        run_id = self._child(trial)
+        error = getattr(trial, "error_file", None)
+        if error and Path(error).exists():
+            self.client.log_artifact(run_id, error)
+        self.client.set_terminated(run_id, "FAILED")
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.close(RunStatus.to_string(RunStatus.FINISHED))
+
+    def close(self, parent_status: str) -> None:
+        """End the sweep's run, and as KILLED every trial run still open (its driver is gone)."""
+        for run in self._search(f"tags.`{ROLE}` = 'trial' and attributes.status = 'RUNNING'"):
+            self.client.set_terminated(run.info.run_id, "KILLED")
+        for run in self._search(f"tags.`{ROLE}` = 'sweep'"):
+            self.client.set_terminated(run.info.run_id, parent_status)
+
+    # helpers
+
+    def _child(self, trial: tune.experiment.Trial) -> str:
+        if trial.trial_id in self._runs:
+            return self._runs[trial.trial_id]
+        found = self._search(f"tags.`{TRIAL_ID}` = '{trial.trial_id}'")
+        if found:
+            run_id = found[0].info.run_id
+            self._reopen(run_id, found[0].info.status)
+        else:
+            config = self.to_config(trial.config)
+            run_id = self.client.create_run(
+                self.experiment_id, run_name=" ".join([trial.trial_id, *(f"{k}={trial.config[k]}" for k in self.searched)]),
+                tags={
+                    ROLE: "trial", SWEEP: self.sweep, STUDY: self.study, TRIAL_ID: trial.trial_id,
+                    MLFLOW_PARENT_RUN_ID: self.parent_run_id(), MLFLOW_GIT_COMMIT: git_commit(),
+                },
+            ).info.run_id
+            self._log(run_id, params=config_params(config))
+        self._runs[trial.trial_id] = run_id
+        return run_id
+
+    def _reopen(self, run_id: str, status: str) -> None:
+        if status != "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
+
+    def _search(self, filter_string: str) -> list:
+        return self.client.search_runs(
+            [self.experiment_id], f"tags.{SWEEP} = '{self.sweep}' and {filter_string}", max_results=10_000
+        )
+
+    def _log(self, run_id: str, params: Optional[dict[str, str]] = None, metrics: Optional[list[Metric]] = None) -> None:
+        params, metrics = [Param(k, v) for k, v in (params or {}).items()], metrics or []
+        for start in range(0, len(params), 100):  # MLflow's limits per batch: 100 params, 1000 metrics
+            self.client.log_batch(run_id, params=params[start:start + 100])
+        for start in range(0, len(metrics), 1000):
+            self.client.log_batch(run_id, metrics=metrics[start:start + 1000])
+
+    def _log_artifacts(self, run_id: str, trial: tune.experiment.Trial, config: TrialConfig) -> None:
+        """The trial's config, and from its last checkpoint the adapter, predictions and summary."""
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
+            self.client.log_artifact(run_id, str(Path(tmp) / "config.json"))
+        path = self._checkpoints.get(trial.trial_id)
+        if path is None:
+            return
+        with checkpoint_at(path, config.storage_path).as_directory() as folder:
+            for name in ADAPTER_FILES:
+                if (Path(folder) / name).exists():
+                    self.client.log_artifact(run_id, str(Path(folder) / name), "adapter")
+            for name in RECORD_FILES:
+                if (Path(folder) / name).exists():
+                    self.client.log_artifact(run_id, str(Path(folder) / name))
+
+
+def checkpoint_at(path: str, storage_path: str) -> ray.train.Checkpoint:
+    """A checkpoint reported by a trial, on the storage path's filesystem (local, S3, GCS, ...)."""
+    if "://" in storage_path:
+        filesystem, _ = pyarrow.fs.FileSystem.from_uri(storage_path)
+        return ray.train.Checkpoint(path, filesystem=filesystem)
+    return ray.train.Checkpoint(path)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def sweep_runs(sweep: str, tracking_uri: str, study: Optional[str] = None) -> pd.DataFrame:
+    """One row per trial of `sweep`: run id, trial id, status, the params (typed), the last value of each metric.
+
+    Params carry TrialConfig's types (rank is an int, lr a float), so the frame sorts and plots as expected.
+    """
+    client = MlflowClient(tracking_uri)
+    experiments = [client.get_experiment_by_name(study)] if study else client.search_experiments()
+    ids = [e.experiment_id for e in experiments if e is not None]
+    runs = client.search_runs(ids, f"tags.{SWEEP} = '{sweep}' and tags.`{ROLE}` = 'trial'", max_results=10_000) if ids else []
+    rows = [
+        {
+            "run_id": run.info.run_id, "trial_id": run.data.tags.get(TRIAL_ID), "status": run.info.status,
+            **{k: typed_param(k, v) for k, v in run.data.params.items()}, **run.data.metrics,
+        }
+        for run in runs
+    ]
+    return pd.DataFrame(rows).sort_values("trial_id", ignore_index=True) if rows else pd.DataFrame(rows)
+
+
+def typed_param(name: str, value: str) -> Any:
+    kind = FACTS.get(name) or typing.get_type_hints(TrialConfig).get(name, str)
+    inner = [t for t in typing.get_args(kind) if t is not type(None)]
+    kind = inner[0] if inner and typing.get_origin(kind) is typing.Union else kind
+    if kind is bool:
+        return value == "True"
+    if name == "alpha":
+        return float(value)
+    try:
+        return kind(value) if kind in (int, float) else value
+    except ValueError:
+        return value

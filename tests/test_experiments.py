@@ -1,0 +1,117 @@
+"""The scripts in experiments/: valid studies, the shared flags, and a sweep resumed after its driver was killed."""
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from densetune.experiment import main, parser, sweep_config
+from densetune.sweep import check_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDIES = sorted(p for p in (ROOT / "experiments").glob("*_*.py") if p.name != "parameter_budget.py")
+
+
+def load(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_five_studies_exist():
+    assert [p.stem for p in STUDIES] == [
+        "data_fraction_sweep", "method_comparison", "module_sweep", "rank_sweep", "variant_ablation",
+    ]
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)
+def test_each_study_is_valid_as_shipped_and_as_smoke(path):
+    module = load(path)
+    assert module.__doc__.splitlines()[0].strip()  # which study it is
+    for argv in ([], ["--smoke"]):
+        sweep = sweep_config(module.STUDY, parser(module.STUDY, module.__doc__).parse_args(argv))
+        check_sweep(sweep)  # every combination of the space, and each adapter against the model's architecture
+        assert sweep.study == module.STUDY.name
+    assert sweep.trial.model == "tiny-llama"
+
+
+def test_flags_set_the_space_and_the_trial_with_their_types():
+    study = load(ROOT / "experiments" / "rank_sweep.py").STUDY
+    args = parser(study, "").parse_args([
+        "--space", "rank=4,16", "--space", "targets=qkv,q+v", "--set", "lr=1e-3", "--set", "eval-limit=none",
+        "--set", "train_on_inputs=true", "--dataset", "synthetic,x/y", "--workers-per-trial", "2",
+        "--gpus-per-worker", "0.25", "--max-steps", "7", "--max-concurrent", "3", "--scheduler", "asha",
+    ])
+    sweep = sweep_config(study, args)
+    assert sweep.space == {"rank": [4, 16], "targets": ["qkv", "q,v"]}
+    trial = sweep.trial
+    assert (trial.lr, trial.eval_limit, trial.train_on_inputs, trial.datasets) == (1e-3, None, True, ["synthetic", "x/y"])
+    assert (trial.num_workers, trial.gpus_per_worker, trial.max_steps) == (2, 0.25, 7)
+    assert (sweep.max_concurrent, sweep.scheduler, sweep.search) == (3, "asha", "grid")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--space", "rank=8,x"], "error: rank must be int; got 'x'"),
+        (["--space", "ranks=8"], "error: unknown search dimension 'ranks'; allowed: rank, targets"),
+        (["--set", "nope=1"], "error: unknown trial setting 'nope'; allowed: "),
+        (["--set", "lr"], "error: --set 'lr': write SETTING=VALUE"),
+        (["--smoke", "--space", "method=denselora,lorax"], "error: method must be one of "),
+    ],
+)
+def test_bad_flags_are_one_line_and_exit_2(capsys, argv, message):
+    study = load(ROOT / "experiments" / "rank_sweep.py").STUDY
+    assert main(study, "", argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+
+
+def finished_trials(uri: str) -> list:
+    client = MlflowClient(uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(ids, "tags.`densetune.role` = 'trial' and attributes.status = 'FINISHED'") if ids else []
+
+
+def test_a_sweep_resumes_after_its_driver_is_killed(tmp_path):
+    """Kill the driver (and the local Ray it started) after the first trial, then --resume: the finished trial is
+    not run again, the second runs, and the store ends with both runs FINISHED under one parent."""
+    command = [
+        sys.executable, str(ROOT / "experiments" / "rank_sweep.py"), "--smoke", "--space", "rank=4,8",
+        "--max-concurrent", "1", "--name", "killed", "--storage-path", str(tmp_path),
+    ]
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # Tune's own state, saved each second instead of each 10
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    driver = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "mlflow.db").exists() or not finished_trials(uri):
+            assert driver.poll() is None and time.monotonic() < deadline, "the first trial did not finish"
+            time.sleep(1)
+        time.sleep(3)  # two of Tune's state saves
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started: its whole session
+        driver.wait()
+    first = finished_trials(uri)
+    assert len(first) == 1
+
+    resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "sweep killed (2 trials)" in resumed.stdout
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.sweep = 'killed'")
+    children = [r for r in runs if r.data.tags["densetune.role"] == "trial"]
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 3
+    assert sorted(int(r.data.params["rank"]) for r in children) == [4, 8]
+    again = next(r for r in children if r.info.run_id == first[0].info.run_id)
+    assert again.info.end_time == first[0].info.end_time  # not run again
+    assert [m.step for m in client.get_metric_history(again.info.run_id, "loss")] == [2, 4]

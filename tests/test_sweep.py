@@ -1,0 +1,166 @@
+"""Sweeps on a local Ray: trials on tiny-llama tracked in MLflow, checked through the tracking store."""
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import peft
+import pytest
+import ray
+from mlflow import MlflowClient
+from safetensors.torch import load_file
+
+import densemod
+from densetune.config import TrialConfig
+from densetune.experiment import LOCAL, SMOKE
+from densetune.sweep import SweepConfig, run_sweep
+from densetune.tracking import sweep_runs
+from densetune.trial import RAY_ENV
+
+# The --smoke settings of experiments/: what a user runs first, so it is what the tests run.
+TINY_TRIAL = dict(LOCAL, **SMOKE)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    os.environ.update(RAY_ENV)
+    ray.init(address="local", num_cpus=2, runtime_env={"env_vars": RAY_ENV})
+    yield
+    ray.shutdown()
+
+
+def trial(tmp_path: Path, **settings) -> TrialConfig:
+    return TrialConfig(**{**TINY_TRIAL, "storage_path": str(tmp_path / "runs"), **settings})
+
+
+def tracked(uri: str, sweep: str) -> tuple[MlflowClient, list, list]:
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], f"tags.sweep = '{sweep}'")
+    parents = [r for r in runs if r.data.tags["densetune.role"] == "sweep"]
+    children = [r for r in runs if r.data.tags["densetune.role"] == "trial"]
+    return client, parents, children
+
+
+def expected_trainable(method: str, variant: str, rank: int) -> int:
+    """The count densemod measures on the same architecture (tiny-llama's shapes, built here)."""
+    from densetune.models import load_model
+
+    config = densemod.build_peft_config(method, rank, variant=variant, target_modules=TrialConfig().targets)
+    return densemod.parameter_report(peft.get_peft_model(load_model("tiny-llama"), config)).trainable
+
+
+def test_a_grid_sweep_is_one_parent_run_with_one_finished_child_per_trial(local_ray, tmp_path):
+    sweep = SweepConfig("grid_study", {"method": ["denselora", "freeze", "lora"]}, trial(tmp_path, rank=4), name="g")
+    result = run_sweep(sweep)
+
+    client, parents, children = tracked(result.tracking_uri, "g")
+    assert result.tracking_uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert json.loads(parents[0].data.params["space"]) == {"method": ["denselora", "freeze", "lora"]}
+    assert len(children) == 3
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert {c.info.status for c in children} == {"FINISHED"}
+    # "freeze" named as a method is DenseLoRA with the freeze variant
+    methods = sorted((c.data.params["method"], c.data.params["variant"]) for c in children)
+    assert methods == [("denselora", "denselora"), ("denselora", "freeze"), ("lora", "denselora")]
+
+    for child in children:
+        params, tags, metrics = child.data.params, child.data.tags, child.data.metrics
+        assert params["rank"] == "4" and params["alpha"] == "8" and params["model"] == "tiny-llama"
+        assert params["datasets"] == "synthetic" and params["num_workers"] == "1" and params["total_steps"] == "4"
+        assert int(params["trainable_params"]) == expected_trainable(params["method"], params["variant"], 4)
+        assert not [k for k in params if "/" in k or k in ("pid", "timestamp", "trial_id", "name")]
+        assert tags["study"] == "grid_study" and tags["sweep"] == "g" and tags["ray.trial_id"]
+        assert len(tags["mlflow.source.git.commit"]) == 40
+        assert {"loss", "learning_rate", "tokens_per_s", "peak_memory_mb", "wall_time_s"} <= set(metrics)
+        assert {"accuracy/synthetic", "accuracy/average"} <= set(metrics)
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == [2, 4]
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"adapter", "config.json", "predictions.json", "summary.json"} <= artifacts
+
+    # the logged adapter is the trained one: it loads, and its trained encoder is not the initial one
+    dense = next(c for c in children if c.data.params["variant"] == "denselora" and c.data.params["method"] == "denselora")
+    folder = client.download_artifacts(dense.info.run_id, "adapter", str(tmp_path / "download"))
+    weights = load_file(Path(folder) / "adapter_model.safetensors")
+    assert any("denselora_decoder" in k for k in weights)
+    assert all(float(w.abs().sum()) > 0 for k, w in weights.items() if "denselora_decoder" in k)  # W_d starts at 0
+
+    frame = sweep_runs("g", result.tracking_uri)
+    assert len(frame) == 3 and list(result.trials["run_id"]) == list(frame["run_id"])
+    assert frame["rank"].tolist() == [4, 4, 4] and frame["lr"].dtype == float
+    assert set(frame["status"]) == {"FINISHED"} and frame["accuracy/average"].between(0, 1).all()
+
+
+def test_asha_stops_the_worse_trial_and_its_run_ends_killed(local_ray, tmp_path):
+    # A metric whose order is known in advance: with one trial at a time, the second (more trainable parameters,
+    # worse in mode "min") falls below the first at the first rung (step 2) and is stopped there.
+    sweep = SweepConfig(
+        "asha_study", {"rank": [2, 8]}, trial(tmp_path, max_steps=8, report_every=1), name="a", scheduler="asha",
+        metric="trainable_params", mode="min", grace_period=2, max_concurrent=1,
+    )
+    result = run_sweep(sweep)
+
+    client, parents, children = tracked(result.tracking_uri, "a")
+    by_rank = {int(c.data.params["rank"]): c for c in children}
+    assert by_rank[2].info.status == "FINISHED"
+    assert by_rank[8].info.status == "KILLED" and by_rank[8].data.tags["stopped_early"] == "true"
+    steps = [m.step for m in client.get_metric_history(by_rank[8].info.run_id, "loss")]
+    assert max(steps) < 8
+    assert parents[0].info.status == "FINISHED"
+
+
+def test_trials_report_a_failure_as_a_failed_run(local_ray, tmp_path):
+    # cutoff_len 8 leaves no answer token in any example: the trial's training loop raises on its workers
+    sweep = SweepConfig("fail_study", {"rank": [4]}, trial(tmp_path, cutoff_len=8), name="f")
+    result = run_sweep(sweep)
+
+    _, parents, children = tracked(result.tracking_uri, "f")
+    assert [c.info.status for c in children] == ["FAILED"]
+    assert parents[0].info.status == "FINISHED"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(space={}), r"the search space is empty"),
+        (dict(space={"ranks": [4]}), r"unknown search dimension 'ranks'; allowed: rank, targets"),
+        (dict(space={"method": ["denselora", "lorax"]}), r"method must be one of .*got 'lorax'"),
+        (dict(space={"rank": [4, 0]}), r"the trial rank=0: r must be a positive integer \(1, 2, ...\); got 0"),
+        (dict(space={"rank": []}), r"rank: give a non-empty list of values"),
+        (dict(space={"targets": ["qkv", "q,x_proj"]}), r"x_proj"),
+        (dict(space={"variant": ["freeze"], "method": ["lora"]}), r"trial variant=freeze method=lora: variant 'freeze' applies"),
+        (dict(search="bayes"), r"search must be one of"),
+        (dict(tracking_uri="http://127.0.0.1:9"), r"tracking URI 'http://127.0.0.1:9' cannot be reached"),
+        (dict(resume=True, name="never-started"), r"there is no sweep to resume at .*never-started"),
+    ],
+)
+def test_bad_input_is_one_line_before_any_trial(tmp_path, change, message):
+    sweep = dataclasses.replace(SweepConfig("bad", {"rank": [4]}, trial(tmp_path), name="bad"), **change)
+    with pytest.raises(ValueError, match=message) as error:
+        run_sweep(sweep)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_an_unwritable_storage_path_is_refused(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")  # refused even to root, unlike a read-only folder
+    with pytest.raises(ValueError, match=r"storage_path '.*a-file/runs' cannot be written \(.*\): pass a folder"):
+        run_sweep(SweepConfig("bad", {"rank": [4]}, trial(tmp_path, storage_path=str(tmp_path / "a-file" / "runs"))))
+
+
+def test_resources_no_node_has_are_refused(local_ray, tmp_path):
+    with pytest.raises(ValueError, match=r"one worker needs \{'CPU': 3.0\}, more than any node"):
+        run_sweep(SweepConfig("bad", {"rank": [4]}, trial(tmp_path, cpus_per_worker=3.0), name="cpu"))
+    with pytest.raises(ValueError, match=r"num_workers 3 need 3 CPUs in all, but this Ray cluster has 2"):
+        run_sweep(SweepConfig("bad", {"rank": [4]}, trial(tmp_path, num_workers=3, batch_size=6), name="workers"))
+    assert not (tmp_path / "runs" / "cpu").exists()
+
+
+def test_an_existing_sweep_is_never_overwritten(local_ray, tmp_path):
+    sweep = SweepConfig("keep", {"rank": [4]}, trial(tmp_path), name="once")
+    run_sweep(sweep)
+    state = sorted(p.name for p in (tmp_path / "runs" / "once").iterdir())
+    with pytest.raises(ValueError, match=r"sweep 'once' already exists at .*: pass --resume to continue it"):
+        run_sweep(sweep)
+    assert sorted(p.name for p in (tmp_path / "runs" / "once").iterdir()) == state
