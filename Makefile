@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test budget trial clean
+.PHONY: setup test sweep smoke budget trial clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,15 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The main job: the rank study on the pretrained SmolLM2-135M and the built-in task, on a local Ray with an embedded
+# MLflow store in runs/ (see README for its duration and output).
+sweep: $(STAMP)
+	$(PY) experiments/rank_sweep.py
+
+# The same study on the tiny random model, in about a minute: checks an installation end to end.
+smoke: $(STAMP)
+	$(PY) experiments/rank_sweep.py --smoke
 
 budget: $(STAMP)
 	$(PY) experiments/parameter_budget.py

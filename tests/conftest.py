@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import ray
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -19,6 +20,17 @@ PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 def make_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**TINY)).to(dtype).eval()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A fresh local Ray of two CPUs for one test module, reporting fast (see densetune.trial.RAY_ENV)."""
+    from densetune.trial import RAY_ENV
+
+    os.environ.update(RAY_ENV)
+    ray.init(address="local", num_cpus=2, runtime_env={"env_vars": RAY_ENV})
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture

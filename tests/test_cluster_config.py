@@ -20,6 +20,8 @@ def test_the_cluster_config_passes_rays_schema():
     assert config["head_node_type"] == "head"
     assert config["available_node_types"]["gpu_worker"]["max_workers"] > 0
     assert any("pip install" in command and "densemod" in command for command in config["setup_commands"])
+    assert config["available_node_types"]["head"]["resources"] == {"CPU": 0}  # trials' workers go to GPU nodes
+    assert config["docker"]["image"].endswith("-gpu")
 
 
 def test_the_schema_check_catches_a_misspelt_field():

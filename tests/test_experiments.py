@@ -53,7 +53,7 @@ def test_flags_set_the_space_and_the_trial_with_their_types():
     assert sweep.space == {"rank": [4, 16], "targets": ["qkv", "q,v"]}
     trial = sweep.trial
     assert (trial.lr, trial.eval_limit, trial.train_on_inputs, trial.datasets) == (1e-3, None, True, ["synthetic", "x/y"])
-    assert (trial.num_workers, trial.gpus_per_worker, trial.max_steps) == (2, 0.25, 7)
+    assert (trial.num_workers, trial.gpus_per_worker, trial.use_gpu, trial.max_steps) == (2, 0.25, True, 7)
     assert (sweep.max_concurrent, sweep.scheduler, sweep.search) == (3, "asha", "grid")
 
 
@@ -93,7 +93,8 @@ def test_a_sweep_resumes_after_its_driver_is_killed(tmp_path):
                               stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
-        while not (tmp_path / "mlflow.db").exists() or not finished_trials(uri):
+        # The sweep's record is written once the store exists: polling earlier would race its creation.
+        while not (tmp_path / "killed" / "densetune_sweep.json").exists() or not finished_trials(uri):
             assert driver.poll() is None and time.monotonic() < deadline, "the first trial did not finish"
             time.sleep(1)
         time.sleep(3)  # two of Tune's state saves

@@ -2,12 +2,10 @@
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import peft
 import pytest
-import ray
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
@@ -16,18 +14,9 @@ from densetune.config import TrialConfig
 from densetune.experiment import LOCAL, SMOKE
 from densetune.sweep import SweepConfig, run_sweep
 from densetune.tracking import sweep_runs
-from densetune.trial import RAY_ENV
 
 # The --smoke settings of experiments/: what a user runs first, so it is what the tests run.
 TINY_TRIAL = dict(LOCAL, **SMOKE)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    os.environ.update(RAY_ENV)
-    ray.init(address="local", num_cpus=2, runtime_env={"env_vars": RAY_ENV})
-    yield
-    ray.shutdown()
 
 
 def trial(tmp_path: Path, **settings) -> TrialConfig:
@@ -91,6 +80,13 @@ def test_a_grid_sweep_is_one_parent_run_with_one_finished_child_per_trial(local_
     assert frame["rank"].tolist() == [4, 4, 4] and frame["lr"].dtype == float
     assert set(frame["status"]) == {"FINISHED"} and frame["accuracy/average"].between(0, 1).all()
 
+    # the same name again, without resume: refused, and nothing that was saved is touched
+    state = sorted(p.name for p in Path(result.path).iterdir())
+    with pytest.raises(ValueError, match=r"sweep 'g' already exists at .*: pass --resume to continue it"):
+        run_sweep(sweep)
+    assert sorted(p.name for p in Path(result.path).iterdir()) == state
+    assert len(tracked(result.tracking_uri, "g")[2]) == 3
+
 
 def test_asha_stops_the_worse_trial_and_its_run_ends_killed(local_ray, tmp_path):
     # A metric whose order is known in advance: with one trial at a time, the second (more trainable parameters,
@@ -108,6 +104,16 @@ def test_asha_stops_the_worse_trial_and_its_run_ends_killed(local_ray, tmp_path)
     steps = [m.step for m in client.get_metric_history(by_rank[8].info.run_id, "loss")]
     assert max(steps) < 8
     assert parents[0].info.status == "FINISHED"
+
+
+def test_optuna_draws_the_trials_from_the_listed_values(local_ray, tmp_path):
+    space = {"lr": [1e-4, 1e-3, 1e-2], "seed": [1, 2]}
+    result = run_sweep(SweepConfig("optuna_study", space, trial(tmp_path), name="o", search="optuna", num_samples=2))
+
+    trials = result.trials
+    assert len(trials) == 2 and set(trials["status"]) == {"FINISHED"}
+    assert set(trials["lr"]) <= {1e-4, 1e-3, 1e-2} and set(trials["seed"]) <= {1, 2}
+    assert trials["accuracy/average"].notna().all()  # what Optuna was told to maximise
 
 
 def test_trials_report_a_failure_as_a_failed_run(local_ray, tmp_path):
@@ -155,12 +161,3 @@ def test_resources_no_node_has_are_refused(local_ray, tmp_path):
     with pytest.raises(ValueError, match=r"num_workers 3 need 3 CPUs in all, but this Ray cluster has 2"):
         run_sweep(SweepConfig("bad", {"rank": [4]}, trial(tmp_path, num_workers=3, batch_size=6), name="workers"))
     assert not (tmp_path / "runs" / "cpu").exists()
-
-
-def test_an_existing_sweep_is_never_overwritten(local_ray, tmp_path):
-    sweep = SweepConfig("keep", {"rank": [4]}, trial(tmp_path), name="once")
-    run_sweep(sweep)
-    state = sorted(p.name for p in (tmp_path / "runs" / "once").iterdir())
-    with pytest.raises(ValueError, match=r"sweep 'once' already exists at .*: pass --resume to continue it"):
-        run_sweep(sweep)
-    assert sorted(p.name for p in (tmp_path / "runs" / "once").iterdir()) == state

@@ -4,23 +4,14 @@ import json
 import os
 
 import pytest
-import ray
 
 from densetune.config import TrialConfig
-from densetune.trial import RAY_ENV, main, prepare, run_trial
+from densetune.trial import main, prepare, run_trial
 
 FAST = dict(
     model="tiny-llama", rank=4, dropout=0.0, batch_size=8, micro_batch_size=2, lr=1e-2, warmup_steps=0,
     report_every=1, eval_mode="loglik", eval_limit=16, cutoff_len=128, datasets=["synthetic"],
 )
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    os.environ.update(RAY_ENV)
-    ray.init(address="local", num_cpus=2, runtime_env={"env_vars": RAY_ENV})
-    yield
-    ray.shutdown()
 
 
 def losses(result, steps=None):

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import pandas as pd
+from mlflow import MlflowClient
 
 from .config import TrialConfig
+from .report import plot_metric
 from .sweep import SEARCHABLE, SEARCHES, SCHEDULERS, SweepConfig, SweepResult, run_sweep
 from .tracking import ui_command
 
@@ -59,7 +63,9 @@ def parser(study: Study, description: str) -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, help="optimizer steps per trial")
     p.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial (default 1)")
     p.add_argument("--cpus-per-worker", type=float)
-    p.add_argument("--gpus-per-worker", type=float, help="fractions share a GPU between trials, e.g. 0.25")
+    p.add_argument("--gpus-per-worker", type=float,
+                   help="train on GPUs, this many per worker; fractions share a GPU between trials, e.g. 0.25 "
+                        "(default: 1 when the cluster has GPUs, else CPUs only)")
     p.add_argument("--max-concurrent", type=int, default=0, help="trials at once (default: as many as fit)")
     p.add_argument("--tracking-uri", help="an MLflow server or database (default: $MLFLOW_TRACKING_URI, else sqlite "
                                           "in the storage path)")
@@ -123,6 +129,9 @@ def sweep_config(study: Study, args: argparse.Namespace) -> SweepConfig:
         "gpus_per_worker": args.gpus_per_worker, "storage_path": args.storage_path,
     }
     settings.update({k: v for k, v in flags.items() if v is not None})
+    if args.gpus_per_worker:
+        # Asked for explicitly: an autoscaling cluster may have no GPU node yet when the sweep starts.
+        settings["use_gpu"] = True
     for text in args.set:
         name, value = parse_setting(text, "--set")
         settings[name] = typed(name, value)
@@ -149,6 +158,14 @@ def summary_table(result: SweepResult, study: Study, space: dict[str, Any]) -> s
         return table.to_string(index=False)
 
 
+def loss_plot(result: SweepResult, searched: list[str]) -> str:
+    """The trials' loss curves, in the sweep's folder when it is local and as an artifact of the sweep's run."""
+    folder = Path(result.path) if "://" not in result.path else Path(tempfile.mkdtemp())
+    path = plot_metric(result.trials, result.tracking_uri, searched, folder / "loss.png")
+    MlflowClient(result.tracking_uri).log_artifact(result.run_id, str(path))
+    return str(path)
+
+
 def main(study: Study, description: str, argv: Optional[list[str]] = None) -> int:
     args = parser(study, description).parse_args(argv)
     try:
@@ -159,5 +176,7 @@ def main(study: Study, description: str, argv: Optional[list[str]] = None) -> in
         return 2
     print(f"\nsweep {result.name} ({len(result.trials)} trials), folder {result.path}\n")
     print(summary_table(result, study, sweep.space))
+    if not result.trials.empty:
+        print(f"\nloss curves: {loss_plot(result, list(sweep.space))}")
     print(f"\nMLflow experiment {study.name!r}, sweep tag {result.name!r}. To browse it:\n  {ui_command(result.tracking_uri)}")
     return 0

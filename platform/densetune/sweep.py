@@ -1,6 +1,7 @@
 """A sweep: Ray Tune over fine-tuning trials, each trial a Ray Train worker group, every trial tracked in MLflow.
 
-    from densetune import SweepConfig, TrialConfig, run_sweep
+    from densetune.config import TrialConfig
+    from densetune.sweep import SweepConfig, run_sweep
     result = run_sweep(SweepConfig("rank_sweep", {"rank": [8, 16, 32]}, TrialConfig(max_steps=60)))
     print(result.trials[["rank", "trainable_params", "accuracy/average"]])
 
@@ -22,16 +23,20 @@ from typing import Any, Optional
 
 import pandas as pd
 import pyarrow.fs
+import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.sample import Domain
 
 import densemod
 from densemod.denselora.config import check_choice
 
 from .config import TrialConfig
-from .trial import check_adapter_fits, check_config, check_placeable, check_positive, ensure_ray, prepare, run_trial, uses_gpu
+from .trial import (
+    check_adapter_fits, check_config, check_placeable, check_positive, ensure_ray, prepare, run_trial, uses_gpu,
+)
 from .tracking import SweepTracker, artifact_root, check_tracking_uri, default_tracking_uri, sweep_runs
 
 SEARCHABLE = ("rank", "targets", "data_fraction", "method", "variant", "lr", "alpha", "dropout", "seed")
@@ -40,9 +45,9 @@ SCHEDULERS = ("fifo", "asha")
 # A trial's driver only starts its worker group and waits: a sliver of memory, no CPU, so that a 2-worker trial
 # still fits a 2-CPU machine (Tune's default of 1 CPU per trial would leave it 1).
 DRIVER_RESOURCES = {"memory": 256 * 2**20}
+RECORD = "densetune_sweep.json"  # in the sweep's folder: its study and tracking store, for --resume
 # Search values for "method" may also name a DenseLoRA variant: one axis compares the paper's variants with the
 # PEFT baselines.
-RECORD = "densetune_sweep.json"  # in the sweep's folder: its study and tracking store, for --resume
 METHOD_CHOICES = (*densemod.METHODS, *(v for v in densemod.VARIANTS if v != "denselora"))
 
 
@@ -57,7 +62,7 @@ class SweepConfig:
     metric: str = "accuracy/average"  # what optuna and asha compare; ASHA sees it only where a trial reports it
     mode: str = "max"
     grace_period: int = 10
-    max_concurrent: int = 0  # 0: as many trials at once as the cluster fits
+    max_concurrent: int = 0  # 0: as many trials at once as the cluster's nodes fit (no limit on an autoscaling cluster)
     name: Optional[str] = None  # the sweep's folder and MLflow name; None: <study>-<time>
     tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite in the storage path
     resume: bool = False  # continue the sweep called `name`: unfinished trials resume, finished ones are kept
@@ -68,6 +73,7 @@ class SweepResult:
     name: str
     path: str  # the sweep's folder: Tune's state and each trial's checkpoints
     tracking_uri: str
+    run_id: str  # the sweep's parent run
     trials: pd.DataFrame  # sweep_runs(): one row per trial, params, last metrics, status
 
 
@@ -133,7 +139,7 @@ def check_sweep(sweep: SweepConfig) -> None:
     check_positive("num_samples", sweep.num_samples)
     check_positive("grace_period", sweep.grace_period)
     if isinstance(sweep.max_concurrent, bool) or not isinstance(sweep.max_concurrent, int) or sweep.max_concurrent < 0:
-        raise ValueError(f"max_concurrent must be a non-negative integer (0: no limit); got {sweep.max_concurrent!r}")
+        raise ValueError(f"max_concurrent must be a non-negative integer (0: as many as fit); got {sweep.max_concurrent!r}")
     check_space(sweep)
 
 
@@ -159,21 +165,40 @@ def param_space(sweep: SweepConfig, folder: str) -> dict[str, Any]:
     return space
 
 
-def tune_config(sweep: SweepConfig) -> tune.TuneConfig:
+def trials_that_fit(config: TrialConfig, gpu: bool) -> Optional[int]:
+    """How many trials' worker groups this cluster's nodes hold at once; None for an autoscaling cluster.
+
+    Tune counts only a trial's driver (a little memory), so without this limit every trial would start at once and
+    all but a few would wait inside Ray Train for workers, their clocks running.
+    """
+    if os.environ.get("RAY_ADDRESS"):
+        return None
+    per_worker = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if gpu else {})}
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    workers = sum(min(int(node.get(kind, 0) // amount) for kind, amount in per_worker.items()) for node in nodes)
+    return max(1, workers // config.num_workers)
+
+
+class OptunaOnEvaluations(OptunaSearch):
+    """Ray's Optuna searcher, shown a trial's intermediate results only where they hold the metric: trials report
+    accuracy when they evaluate, not with every loss."""
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if self.metric in result:
+            super().on_trial_result(trial_id, result)
+
+
+def tune_config(sweep: SweepConfig, concurrent: Optional[int]) -> tune.TuneConfig:
     scheduler = None
     if sweep.scheduler == "asha":
         # Time is the optimizer step, reported with every metric. Without max_steps the length of a trial is known only
         # to the trial: a bound that no trial reaches just adds rungs that are never used.
         max_t = sweep.trial.max_steps or 10**9
         scheduler = ASHAScheduler(time_attr="step", max_t=max_t, grace_period=min(sweep.grace_period, max_t))
-    search_alg = None
-    if sweep.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        search_alg = OptunaSearch(seed=sweep.trial.seed)
+    search_alg = OptunaOnEvaluations(seed=sweep.trial.seed) if sweep.search == "optuna" else None
     return tune.TuneConfig(
         metric=sweep.metric, mode=sweep.mode, scheduler=scheduler, search_alg=search_alg,
-        num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent or None,
+        num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent or concurrent,
     )
 
 
@@ -196,27 +221,34 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
     check_tracking_uri(uri)
     # The data once, at the smallest fraction searched: every trial must get at least one batch.
     fractions = sweep.space.get("data_fraction", [sweep.trial.data_fraction])
-    prepare(dataclasses.replace(sweep.trial, data_fraction=min(fractions) if isinstance(fractions, list) else 1.0))
+    smallest = min(fractions) if isinstance(fractions, (list, tuple)) else sweep.trial.data_fraction
+    prepare(dataclasses.replace(sweep.trial, data_fraction=smallest))
     ensure_ray()
-    check_placeable(sweep.trial, uses_gpu(sweep.trial))
+    gpu = uses_gpu(sweep.trial)
+    check_placeable(sweep.trial, gpu)
 
     # Trials report accuracy only when they evaluate; Tune would otherwise reject every report without it.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     trainable = tune.with_resources(sweep_trial, DRIVER_RESOURCES)
-    tracker = SweepTracker(uri, sweep.study, name, trial_config, list(sweep.space), sweep_params(sweep), artifact_root(uri))
+    tracker = SweepTracker(
+        uri, sweep.study, name, trial_config, list(sweep.space), sweep_params(sweep), artifact_root(uri)
+    )
     if sweep.resume:
         tuner = tune.Tuner.restore(folder, trainable, resume_unfinished=True, resume_errored=True)
     else:
         write_text(f"{folder}/{RECORD}", json.dumps({"study": sweep.study, "tracking_uri": uri, **sweep_params(sweep)}))
         tuner = tune.Tuner(
-            trainable, param_space=param_space(sweep, folder), tune_config=tune_config(sweep),
+            trainable, param_space=param_space(sweep, folder),
+            tune_config=tune_config(sweep, trials_that_fit(sweep.trial, gpu)),
             run_config=tune.RunConfig(name=name, storage_path=root, callbacks=[tracker]),
         )
     try:
         tuner.fit()
-    finally:
-        tracker.close("FINISHED")  # also after an interrupt or a failure: no run is left RUNNING
-    return SweepResult(name, folder, uri, sweep_runs(name, uri, sweep.study))
+    except BaseException:
+        tracker.close("KILLED")  # interrupted: no run is left RUNNING
+        raise
+    tracker.close()
+    return SweepResult(name, folder, uri, tracker.parent_run_id(), sweep_runs(name, uri, sweep.study))
 
 
 def read_text(path: str) -> str:
@@ -242,5 +274,6 @@ def sweep_params(sweep: SweepConfig) -> dict[str, str]:
     return {
         "space": json.dumps(space), "search": sweep.search, "num_samples": str(sweep.num_samples),
         "scheduler": sweep.scheduler, "metric": sweep.metric, "mode": sweep.mode,
-        "max_concurrent": str(sweep.max_concurrent), "model": sweep.trial.model, "datasets": ",".join(sweep.trial.datasets),
+        "max_concurrent": str(sweep.max_concurrent), "model": sweep.trial.model,
+        "datasets": ",".join(sweep.trial.datasets),
     }

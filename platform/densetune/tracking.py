@@ -8,7 +8,9 @@ trial's configuration as the user wrote it, the training loop's own metrics, and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import os
 import subprocess
 import tempfile
 import time
@@ -21,7 +23,7 @@ import pandas as pd
 import pyarrow.fs
 import ray.train
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 from ray import tune
 
@@ -75,14 +77,18 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
 
 
+@functools.cache
 def git_commit() -> str:
+    """The project's commit; Ray uploads a job's working_dir without .git, so a job can pass DENSETUNE_GIT_COMMIT."""
+    if os.environ.get("DENSETUNE_GIT_COMMIT"):
+        return os.environ["DENSETUNE_GIT_COMMIT"]
     folder = Path(__file__).resolve().parent
     try:
         return subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True, timeout=10
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"  # e.g. a job's working_dir, which Ray uploads without .git
+        return "unknown"
 
 
 def config_params(config: TrialConfig) -> dict[str, str]:
@@ -112,6 +118,7 @@ class SweepTracker(tune.Callback):
     def _reset(self) -> None:
         self._client: Optional[MlflowClient] = None
         self._experiment_id: Optional[str] = None
+        self._parent: Optional[str] = None
         self._runs: dict[str, str] = {}  # trial id -> child run id
         self._checkpoints: dict[str, str] = {}  # trial id -> last reported checkpoint path
         self._last: dict[str, dict] = {}  # trial id -> last result with a step
@@ -141,27 +148,30 @@ class SweepTracker(tune.Callback):
         return self._experiment_id
 
     def parent_run_id(self) -> str:
-        """The sweep's run, created on first use and reopened on resume."""
-        runs = self._search(f"tags.`{ROLE}` = 'sweep'")
-        if runs:
-            self._reopen(runs[0].info.run_id, runs[0].info.status)
-            return runs[0].info.run_id
-        run = self.client.create_run(
-            self.experiment_id, run_name=self.sweep,
-            tags={ROLE: "sweep", SWEEP: self.sweep, STUDY: self.study, MLFLOW_GIT_COMMIT: git_commit()},
-        )
-        self._log(run.info.run_id, params=self.sweep_params)
-        return run.info.run_id
+        """The sweep's run, created on first use."""
+        if self._parent is None:
+            runs = self._search(f"tags.`{ROLE}` = 'sweep'")
+            if runs:
+                self._parent = runs[0].info.run_id
+            else:
+                self._parent = self.client.create_run(
+                    self.experiment_id, run_name=self.sweep,
+                    tags={ROLE: "sweep", SWEEP: self.sweep, STUDY: self.study, MLFLOW_GIT_COMMIT: git_commit()},
+                ).info.run_id
+                self._log(self._parent, params=self.sweep_params)
+        return self._parent
 
     # Tune's hooks
 
     def setup(self, **info: Any) -> None:
-        self.parent_run_id()
+        self._reopen(self.parent_run_id())  # a resumed sweep runs again
 
     def on_trial_start(self, iteration: int, trials: list, trial: tune.experiment.Trial, **info: Any) -> None:
         self._child(trial)
 
-    def on_trial_result(self, iteration: int, trials: list, trial: tune.experiment.Trial, result: dict, **info: Any) -> None:
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: tune.experiment.Trial, result: dict, **info: Any
+    ) -> None:
         run_id = self._child(trial)
         if "checkpoint_path" in result:
             self._checkpoints[trial.trial_id] = result["checkpoint_path"]
@@ -190,7 +200,7 @@ class SweepTracker(tune.Callback):
         self._log_artifacts(run_id, trial, config)
         if not finished:
             self.client.set_tag(run_id, "stopped_early", "true")  # by the scheduler, before its last step
-        self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED if finished else RunStatus.KILLED))
+        self.client.set_terminated(run_id, "FINISHED" if finished else "KILLED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: tune.experiment.Trial, **info: Any) -> None:
         run_id = self._child(trial)
@@ -200,14 +210,17 @@ class SweepTracker(tune.Callback):
         self.client.set_terminated(run_id, "FAILED")
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self.close(RunStatus.to_string(RunStatus.FINISHED))
+        self.close()
 
-    def close(self, parent_status: str) -> None:
-        """End the sweep's run, and as KILLED every trial run still open (its driver is gone)."""
-        for run in self._search(f"tags.`{ROLE}` = 'trial' and attributes.status = 'RUNNING'"):
+    def close(self, status: str = "FINISHED") -> None:
+        """End every trial run still open as KILLED (its trial was interrupted), then the sweep's run: KILLED too if
+        any trial was, else `status`. Idempotent: a run already ended keeps its status."""
+        running = "attributes.status = 'RUNNING'"
+        dangling = self._search(f"tags.`{ROLE}` = 'trial' and {running}")
+        for run in dangling:
             self.client.set_terminated(run.info.run_id, "KILLED")
-        for run in self._search(f"tags.`{ROLE}` = 'sweep'"):
-            self.client.set_terminated(run.info.run_id, parent_status)
+        for run in self._search(f"tags.`{ROLE}` = 'sweep' and {running}"):
+            self.client.set_terminated(run.info.run_id, "KILLED" if dangling else status)
 
     # helpers
 
@@ -217,11 +230,12 @@ class SweepTracker(tune.Callback):
         found = self._search(f"tags.`{TRIAL_ID}` = '{trial.trial_id}'")
         if found:
             run_id = found[0].info.run_id
-            self._reopen(run_id, found[0].info.status)
+            self._reopen(run_id)
         else:
             config = self.to_config(trial.config)
+            name = " ".join([trial.trial_id, *(f"{k}={trial.config[k]}" for k in self.searched)])
             run_id = self.client.create_run(
-                self.experiment_id, run_name=" ".join([trial.trial_id, *(f"{k}={trial.config[k]}" for k in self.searched)]),
+                self.experiment_id, run_name=name,
                 tags={
                     ROLE: "trial", SWEEP: self.sweep, STUDY: self.study, TRIAL_ID: trial.trial_id,
                     MLFLOW_PARENT_RUN_ID: self.parent_run_id(), MLFLOW_GIT_COMMIT: git_commit(),
@@ -231,8 +245,8 @@ class SweepTracker(tune.Callback):
         self._runs[trial.trial_id] = run_id
         return run_id
 
-    def _reopen(self, run_id: str, status: str) -> None:
-        if status != "RUNNING":
+    def _reopen(self, run_id: str) -> None:
+        if self.client.get_run(run_id).info.status != "RUNNING":
             self.client.update_run(run_id, status="RUNNING")
 
     def _search(self, filter_string: str) -> list:

@@ -80,6 +80,10 @@ def check_config(config: TrialConfig) -> None:
         if getattr(config, name) is not None:
             check_positive(name, getattr(config, name))
     check_fraction(config.data_fraction)
+    for name in ("cpus_per_worker", "gpus_per_worker"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"{name} must be a positive number (fractions allowed); got {value!r}")
     per_step = config.micro_batch_size * config.num_workers
     if config.batch_size % per_step:
         raise ValueError(
@@ -132,7 +136,7 @@ def ensure_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         import densetune
 
-        runtime_env["py_modules"] = [densemod, densetune]
+        runtime_env["py_modules"] = [str(Path(package.__file__).parent) for package in (densemod, densetune)]
     ray.init(runtime_env=runtime_env)
 
 
