@@ -180,8 +180,11 @@ def train_step(
     """
     model.train()
     batches = [collate([examples[i] for i in indices], pad_token_id) for indices in micro_batches]
-    targets = all_reduce_sum(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches), device)
-    tokens = all_reduce_sum(sum(int(b["attention_mask"].sum()) for b in batches), device)
+    targets, tokens = all_reduce_sum(  # the global batch's target and attention tokens, in one collective
+        device,
+        sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches),
+        sum(int(b["attention_mask"].sum()) for b in batches),
+    )
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     loss_sum = 0.0
     for i, batch in enumerate(batches):
@@ -194,15 +197,17 @@ def train_step(
         loss_sum += loss.item()
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
     optimizer.step()
-    return all_reduce_sum(loss_sum, device), tokens
+    (global_loss,) = all_reduce_sum(device, loss_sum)
+    return global_loss, tokens
 
 
-def all_reduce_sum(value: float, device: torch.device) -> Any:
+def all_reduce_sum(device: torch.device, *values: float) -> tuple:
+    """Each value summed over the workers; ints stay ints (float64 holds them exactly)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    tensor = torch.tensor(value, dtype=torch.float64, device=device)
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
-    return type(value)(tensor.item())
+    return tuple(type(value)(total) for value, total in zip(values, tensor.tolist()))
 
 
 def run_evaluation(
