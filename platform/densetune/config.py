@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -77,3 +79,24 @@ class TrialConfig:
         if unknown:
             raise ValueError(f"unknown trial settings {unknown}; allowed: {sorted(known)}")
         return cls(**values)
+
+
+@functools.cache
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(TrialConfig)
+
+
+def field_type(name: str) -> Optional[tuple[Any, bool]]:
+    """(the type a TrialConfig field holds, whether it may be None), e.g. (int, True) for max_steps and
+    (list[str], False) for datasets; None when there is no such field."""
+    hint = _hints().get(name)
+    if hint is None:
+        return None
+    if typing.get_origin(hint) is typing.Union:
+        return next(t for t in typing.get_args(hint) if t is not type(None)), True
+    return hint, False
+
+
+def comma_list(text: str) -> list[str]:
+    """'a, b,,c' -> ['a', 'b', 'c']: how lists are written on command lines."""
+    return [part.strip() for part in text.split(",") if part.strip()]

@@ -8,6 +8,7 @@ embedded sqlite store. --smoke runs the same study in a few minutes on the rando
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import typing
@@ -18,7 +19,7 @@ from typing import Any, Optional
 import pandas as pd
 from mlflow import MlflowClient
 
-from .config import TrialConfig
+from .config import TrialConfig, comma_list, field_type
 from .report import plot_metric
 from .sweep import SEARCHABLE, SEARCHES, SCHEDULERS, SweepConfig, SweepResult, run_sweep
 from .tracking import ui_command
@@ -76,10 +77,6 @@ def parser(study: Study, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def comma_list(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
 def format_space(space: dict[str, list]) -> str:
     return " ".join(f"{k}={','.join(map(str, v))}" for k, v in space.items())
 
@@ -93,15 +90,12 @@ def parse_setting(text: str, flag: str) -> tuple[str, str]:
 
 def typed(name: str, text: str) -> Any:
     """A command-line value with the type of the TrialConfig field it sets."""
-    hints = typing.get_type_hints(TrialConfig)
-    if name not in hints:
-        raise ValueError(f"unknown trial setting {name!r}; allowed: {', '.join(sorted(hints))}")
-    kind = hints[name]
-    inner = [t for t in typing.get_args(kind) if t is not type(None)]
-    if inner and typing.get_origin(kind) is typing.Union:
-        if text.lower() == "none":
-            return None
-        kind = inner[0]
+    if field_type(name) is None:
+        allowed = ", ".join(sorted(f.name for f in dataclasses.fields(TrialConfig)))
+        raise ValueError(f"unknown trial setting {name!r}; allowed: {allowed}")
+    kind, optional = field_type(name)
+    if optional and text.lower() == "none":
+        return None
     if typing.get_origin(kind) is list:
         return comma_list(text)
     if kind is bool:

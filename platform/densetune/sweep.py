@@ -18,12 +18,10 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Optional
 
 import pandas as pd
 import pyarrow.fs
-import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
@@ -35,7 +33,8 @@ from densemod.denselora.config import check_choice
 
 from .config import TrialConfig
 from .trial import (
-    check_adapter_fits, check_config, check_placeable, check_positive, ensure_ray, prepare, run_trial, uses_gpu,
+    check_adapter_fits, check_config, check_placeable, check_positive, ensure_ray, load_inputs, run_trial,
+    storage_root, uses_gpu, workers_that_fit,
 )
 from .tracking import SweepTracker, artifact_root, check_tracking_uri, default_tracking_uri, sweep_runs
 
@@ -173,10 +172,7 @@ def trials_that_fit(config: TrialConfig, gpu: bool) -> Optional[int]:
     """
     if os.environ.get("RAY_ADDRESS"):
         return None
-    per_worker = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if gpu else {})}
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    workers = sum(min(int(node.get(kind, 0) // amount) for kind, amount in per_worker.items()) for node in nodes)
-    return max(1, workers // config.num_workers)
+    return max(1, workers_that_fit(config, gpu) // config.num_workers)
 
 
 class OptunaOnEvaluations(OptunaSearch):
@@ -219,10 +215,11 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
         raise ValueError(f"sweep {name!r} already exists at {folder}: pass --resume to continue it, or another --name")
     check_storage(sweep.trial.storage_path)
     check_tracking_uri(uri)
-    # The data once, at the smallest fraction searched: every trial must get at least one batch.
+    # The data once, at the smallest fraction searched (check_space checked the settings): every trial must get at
+    # least one batch.
     fractions = sweep.space.get("data_fraction", [sweep.trial.data_fraction])
     smallest = min(fractions) if isinstance(fractions, (list, tuple)) else sweep.trial.data_fraction
-    prepare(dataclasses.replace(sweep.trial, data_fraction=smallest))
+    load_inputs(dataclasses.replace(sweep.trial, data_fraction=smallest))
     ensure_ray()
     gpu = uses_gpu(sweep.trial)
     check_placeable(sweep.trial, gpu)
@@ -262,10 +259,6 @@ def write_text(path: str, text: str) -> None:
     filesystem.create_dir(inner.rsplit("/", 1)[0], recursive=True)
     with filesystem.open_output_stream(inner) as stream:
         stream.write(text.encode())
-
-
-def storage_root(path: str) -> str:
-    return path.rstrip("/") if "://" in path else str(Path(path).resolve())
 
 
 def sweep_params(sweep: SweepConfig) -> dict[str, str]:

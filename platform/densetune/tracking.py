@@ -14,7 +14,6 @@ import os
 import subprocess
 import tempfile
 import time
-import typing
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -27,7 +26,7 @@ from mlflow.entities import Metric, Param
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 from ray import tune
 
-from .config import TrialConfig
+from .config import TrialConfig, field_type
 
 # Reported once per trial and constant: logged as params, not as metric series.
 FACTS = {"trainable_params": int, "total_params": int, "trainable_pct": float, "total_steps": int}
@@ -192,8 +191,8 @@ class SweepTracker(tune.Callback):
         run_id = self._child(trial)
         last = self._last.get(trial.trial_id, {})
         config = self.to_config(trial.config)
-        goal = min(last.get("total_steps", 0), config.stop_after_step or last.get("total_steps", 0))
-        finished = bool(last) and last["step"] >= goal
+        total = last.get("total_steps", 0)
+        finished = bool(last) and last["step"] >= min(total, config.stop_after_step or total)
         wall_time = (trial.last_result or {}).get("time_total_s")
         if wall_time is not None:
             self._log(run_id, metrics=[Metric("wall_time_s", float(wall_time), now_ms(), int(last.get("step", 0)))])
@@ -310,13 +309,9 @@ def sweep_runs(sweep: str, tracking_uri: str, study: Optional[str] = None) -> pd
 
 
 def typed_param(name: str, value: str) -> Any:
-    kind = FACTS.get(name) or typing.get_type_hints(TrialConfig).get(name, str)
-    inner = [t for t in typing.get_args(kind) if t is not type(None)]
-    kind = inner[0] if inner and typing.get_origin(kind) is typing.Union else kind
+    kind = FACTS.get(name) or (field_type(name) or (str, False))[0]
     if kind is bool:
         return value == "True"
-    if name == "alpha":
-        return float(value)
     try:
         return kind(value) if kind in (int, float) else value
     except ValueError:

@@ -27,7 +27,7 @@ from ray.train.torch import TorchTrainer
 import densemod
 from densemod.denselora.config import check_choice
 
-from .config import DTYPES, EVAL_MODES, TrialConfig
+from .config import DTYPES, EVAL_MODES, TrialConfig, comma_list, field_type
 from .data import Benchmark, check_fraction, load_benchmark, load_training_rows, sample_rows
 from .evaluate import LABEL_FORMATS, answer_format
 from .models import check_model_name, meta_model
@@ -62,6 +62,11 @@ def prepare(config: TrialConfig) -> TrialInputs:
     """Check the configuration and load the data; every error here is one line naming the bad value."""
     check_config(config)
     check_adapter_fits(config)
+    return load_inputs(config)
+
+
+def load_inputs(config: TrialConfig) -> TrialInputs:
+    """The training rows and the evaluation sets, checked: enough rows for a batch, answers the eval mode can score."""
     rows = load_training_rows(config.datasets, config.data_fraction, config.seed)
     if len(rows) < config.batch_size:
         raise ValueError(f"{len(rows)} training rows make no batch of batch_size {config.batch_size}")
@@ -144,6 +149,23 @@ def uses_gpu(config: TrialConfig) -> bool:
     return bool(ray.cluster_resources().get("GPU", 0)) if config.use_gpu is None else config.use_gpu
 
 
+def worker_resources(config: TrialConfig, gpu: bool) -> dict[str, float]:
+    """What one Ray Train worker of this trial asks for."""
+    return {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if gpu else {})}
+
+
+def workers_that_fit(config: TrialConfig, gpu: bool) -> int:
+    """How many of this trial's workers the cluster's live nodes hold at once, each node on its own."""
+    per_worker = worker_resources(config, gpu)
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    return sum(min(int(node.get(kind, 0) // amount) for kind, amount in per_worker.items()) for node in nodes)
+
+
+def storage_root(path: str) -> str:
+    """A storage path as Ray wants it: a URI (s3://, gs://) as it is, a local folder absolute."""
+    return path.rstrip("/") if "://" in path else str(Path(path).resolve())
+
+
 def check_placeable(config: TrialConfig, gpu: bool) -> None:
     """A worker group that no node can host, or that is larger than the cluster, would wait forever: refuse it.
 
@@ -152,9 +174,8 @@ def check_placeable(config: TrialConfig, gpu: bool) -> None:
     """
     if os.environ.get("RAY_ADDRESS"):
         return
-    per_worker = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if gpu else {})}
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    if not any(all(node.get(kind, 0) >= amount for kind, amount in per_worker.items()) for node in nodes):
+    per_worker = worker_resources(config, gpu)
+    if workers_that_fit(config, gpu) == 0:
         raise ValueError(
             f"one worker needs {per_worker}, more than any node of this Ray cluster has: lower cpus_per_worker or "
             "gpus_per_worker"
@@ -178,7 +199,7 @@ def run_trial(config: TrialConfig, callbacks: Sequence[ray.train.UserCallback] =
     ensure_ray()
     gpu = uses_gpu(config)
     check_placeable(config, gpu)
-    resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if gpu else {})}
+    resources = worker_resources(config, gpu)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -191,7 +212,7 @@ def run_trial(config: TrialConfig, callbacks: Sequence[ray.train.UserCallback] =
         ),
         run_config=ray.train.RunConfig(
             name=config.name or default_name(config),
-            storage_path=str(Path(config.storage_path).resolve()),
+            storage_path=storage_root(config.storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks),
         ),
@@ -224,17 +245,14 @@ def print_summary(result: TrialResult) -> None:
 def parse_args(argv: Optional[list[str]] = None) -> TrialConfig:
     """One flag per TrialConfig field (--max-steps for max_steps); lists are comma-separated."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    hints = typing.get_type_hints(TrialConfig)
     for field in dataclasses.fields(TrialConfig):
         flag = "--" + field.name.replace("_", "-")
-        kind = hints[field.name]
-        inner = [t for t in typing.get_args(kind) if t is not type(None)]
-        base = inner[0] if typing.get_origin(kind) is typing.Union else kind
+        base, _ = field_type(field.name)
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         elif typing.get_origin(base) is list:
-            parser.add_argument(flag, type=lambda s: [p.strip() for p in s.split(",") if p.strip()], default=default)
+            parser.add_argument(flag, type=comma_list, default=default)
         else:
             parser.add_argument(flag, type=base, default=default)
     return TrialConfig(**vars(parser.parse_args(argv)))
