@@ -17,7 +17,7 @@ import densemod  # noqa: F401  (registers DenseLoRA with PEFT, so its adapters l
 from densetune.config import TrialConfig
 from densetune.evaluate import Prediction, accuracy, evaluate
 from densetune.models import load_model, load_tokenizer
-from densetune.trial import eval_set
+from densetune.trial import eval_benchmark, eval_set
 
 
 def mcnemar_p(before: list[Prediction], after: list[Prediction]) -> float:
@@ -44,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
 
     config = TrialConfig(eval_limit=args.eval_limit, eval_mode=args.eval_mode, seed=args.seed)
-    sets = [eval_set(source, config) for source in args.eval_datasets.split(",")]
+    sets = [eval_set(config, *eval_benchmark(source, args.eval_mode)) for source in args.eval_datasets.split(",")]
     tokenizer = load_tokenizer(args.model)
     model = PeftModel.from_pretrained(load_model(args.model), args.adapter)
     for name, rows in sets:

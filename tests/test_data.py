@@ -4,11 +4,12 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from densetune.data import (
-    REQUIRED_FIELDS, collate, load_benchmark, load_training_rows, subsample, synthetic_task, tokenize,
+    REQUIRED_FIELDS, collate, load_benchmark, load_training_rows, subsample, synthetic_task, tokenize_rows,
 )
 from densetune.models import byte_tokenizer
 from densetune.prompts import prompt
@@ -284,6 +285,10 @@ def test_synthetic_is_the_source_named_synthetic():
 # Tokenization and batching (byte_tokenizer: one token per UTF-8 byte, no BOS)
 
 
+def tokenize(row, tokenizer, cutoff_len, train_on_inputs=True):
+    return tokenize_rows([row], tokenizer, cutoff_len, train_on_inputs).example(0)
+
+
 def test_tokenize_appends_eos_and_labels_everything_by_default():
     tokenizer = byte_tokenizer()
     text = prompt(ROW["instruction"]) + ROW["output"]
@@ -326,11 +331,36 @@ def test_a_prompt_longer_than_the_cutoff_is_all_masked():
     assert tokens["labels"] == [-100] * 40
 
 
+def test_many_rows_tokenize_as_each_alone_end_to_end():
+    tokenizer = byte_tokenizer()
+    rows = [ROW, {**ROW, "output": "5"}, {**ROW, "input": "Show the sum."}]
+    together = tokenize_rows(rows, tokenizer, 1024, train_on_inputs=False)
+    alone = [tokenize(row, tokenizer, 1024, train_on_inputs=False) for row in rows]
+    assert len(together) == 3
+    assert [together.example(i) for i in range(3)] == alone
+    assert together.lengths.tolist() == [len(example["input_ids"]) for example in alone]
+    assert together.offsets.tolist() == [0, *np.cumsum(together.lengths)]
+    assert together.input_ids.dtype == together.labels.dtype == np.int32
+
+
+def test_a_row_is_trainable_while_a_target_token_follows_its_first_token():
+    tokenizer = byte_tokenizer()
+    prompt_length = len(prompt(ROW["instruction"]).encode())
+    # the answer cut off entirely; one answer token left; the whole text as targets (prompt not masked)
+    rows = tokenize_rows([ROW] * 2, tokenizer, prompt_length, train_on_inputs=False)
+    kept = tokenize_rows([ROW], tokenizer, prompt_length + 1, train_on_inputs=False)
+    everything = tokenize_rows([ROW], tokenizer, 40, train_on_inputs=True)
+    assert rows.trainable().tolist() == [False, False]
+    assert kept.trainable().tolist() == [True] and everything.trainable().tolist() == [True]
+    assert tokenize_rows([], tokenizer, 40).trainable().tolist() == []
+
+
 def test_collate_right_pads_to_the_longest_example():
     tokenizer = byte_tokenizer()
-    examples = [tokenize(ROW, tokenizer, 1024, False), tokenize({**ROW, "output": "5"}, tokenizer, 1024, False)]
+    rows = tokenize_rows([ROW, {**ROW, "output": "5"}], tokenizer, 1024, train_on_inputs=False)
+    examples = [rows.example(0), rows.example(1)]
     long, short = (len(example["input_ids"]) for example in examples)
-    batch = collate(examples, pad_token_id=tokenizer.pad_token_id)
+    batch = collate(rows, [0, 1], pad_token_id=tokenizer.pad_token_id)
     assert set(batch) == {"input_ids", "attention_mask", "labels"}
     assert all(tensor.shape == (2, long) and tensor.dtype == torch.long for tensor in batch.values())
     assert batch["input_ids"][0].tolist() == examples[0]["input_ids"]
@@ -338,3 +368,5 @@ def test_collate_right_pads_to_the_longest_example():
     assert batch["attention_mask"].tolist() == [[1] * long, [1] * short + [0] * (long - short)]
     assert batch["labels"][1].tolist() == examples[1]["labels"] + [-100] * (long - short)
     assert batch["labels"][0].tolist() == examples[0]["labels"]
+    # any rows, in the order asked for
+    assert collate(rows, [1], tokenizer.pad_token_id)["input_ids"][0].tolist() == examples[1]["input_ids"]

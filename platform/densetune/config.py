@@ -33,6 +33,7 @@ class TrialConfig:
     data_fraction: float = 1.0
     cutoff_len: int = 256
     train_on_inputs: bool = True
+    group_by_length: bool = True  # batches of examples of similar length: little compute spent on padding
     # the paper's recipe: AdamW, lr 3e-4, linear schedule with 100 warm-up steps, batch 16 of micro-batches of 4
     lr: float = 3e-4
     warmup_steps: int = 100
@@ -44,7 +45,9 @@ class TrialConfig:
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
     seed: int = 42
-    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPU
+    # auto: bfloat16 autocast where the hardware computes bf16 natively (GPU; CPU with AMX or AVX-512 BF16), else
+    # float32; bfloat16: base weights in bf16 and bf16 autocast, adapter weights and optimizer state in float32
+    dtype: str = "auto"
     # Ray Train worker group
     num_workers: int = 1
     use_gpu: Optional[bool] = None  # None: when the cluster has GPUs

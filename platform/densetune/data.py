@@ -1,7 +1,7 @@
 """Training and evaluation data: LLM-Adapters benchmark files, Hub data sets, and a built-in synthetic task.
 
-Every row has the LLM-Adapters fields {instruction, input, output, answer}. `tokenize` and `collate` turn rows into
-padded batches the way LLM-Adapters' finetune.py does.
+Every row has the LLM-Adapters fields {instruction, input, output, answer}. `tokenize_rows` tokenizes rows the way
+LLM-Adapters' finetune.py does, all at once, and `collate` pads some of them into a batch.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from datasets import load_dataset
 from datasets.exceptions import DatasetGenerationError
@@ -107,17 +108,25 @@ def check_fraction(fraction: float) -> None:
 
 def subsample(rows: list[dict], fraction: float, seed: int) -> list[dict]:
     """int(len(rows) * fraction) rows chosen with `seed`, in their original order."""
+    return [rows[index] for index in fraction_indices(len(rows), fraction, seed)]
+
+
+def fraction_indices(n: int, fraction: float, seed: int) -> list[int]:
+    """Which of n rows `subsample` keeps."""
     check_fraction(fraction)
-    keep = int(len(rows) * fraction)
+    keep = int(n * fraction)
     if keep == 0:
-        raise ValueError(f"data_fraction {fraction} of {len(rows)} rows leaves no row: use a larger fraction")
-    return sample_rows(rows, keep, seed)
+        raise ValueError(f"data_fraction {fraction} of {n} rows leaves no row: use a larger fraction")
+    return sample_indices(n, keep, seed)
 
 
 def sample_rows(rows: list[dict], count: int, seed: int) -> list[dict]:
     """`count` rows chosen with `seed`, in their original order: the same rows for the same seed."""
-    chosen = sorted(random.Random(seed).sample(range(len(rows)), count))
-    return [rows[index] for index in chosen]
+    return [rows[index] for index in sample_indices(len(rows), count, seed)]
+
+
+def sample_indices(n: int, count: int, seed: int) -> list[int]:
+    return sorted(random.Random(seed).sample(range(n), count))
 
 
 # Words of one category each: a distractor must never also be a right answer.
@@ -178,34 +187,69 @@ def _synthetic_row(rng: random.Random) -> dict:
     return {"instruction": instruction, "input": "", "output": f"the correct answer is {answer}", "answer": answer}
 
 
-def tokenize(
-    row: dict, tokenizer: PreTrainedTokenizerBase, cutoff_len: int = 256, train_on_inputs: bool = True
-) -> dict[str, list[int]]:
-    """LLM-Adapters' rule: prompt + output, truncated at `cutoff_len`, EOS appended when it fits; with
-    `train_on_inputs` False the prompt's tokens get label -100."""
-    user_prompt = prompt(row["instruction"], row["input"])
-    input_ids = _token_ids(tokenizer, user_prompt + row["output"], cutoff_len)
-    # A truncated text gets no EOS: the model must not learn to stop in mid-answer.
-    if input_ids[-1] != tokenizer.eos_token_id and len(input_ids) < cutoff_len:
-        input_ids.append(tokenizer.eos_token_id)
-    labels = list(input_ids)
-    if not train_on_inputs:
-        masked = len(_token_ids(tokenizer, user_prompt, cutoff_len))
-        labels[:masked] = [IGNORE_INDEX] * masked
-    return {"input_ids": input_ids, "labels": labels}
+@dataclass
+class TokenizedRows:
+    """Rows tokenized once, end to end in flat arrays: Ray's object store holds them as they are, and every worker
+    reads them there without a copy."""
+
+    input_ids: np.ndarray  # int32: every row's tokens, one row after another
+    labels: np.ndarray  # int32, the same layout: IGNORE_INDEX where the loss skips a token
+    offsets: np.ndarray  # int64, one more than rows: row i is [offsets[i], offsets[i + 1])
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def example(self, i: int) -> dict[str, list[int]]:
+        start, end = self.offsets[i], self.offsets[i + 1]
+        return {"input_ids": self.input_ids[start:end].tolist(), "labels": self.labels[start:end].tolist()}
+
+    def trainable(self) -> np.ndarray:
+        """Whether each row keeps a target token after the first position (the first is never predicted): a row whose
+        answer the cutoff removed has none, and a batch of such rows would divide the loss by zero."""
+        targets = self.labels != IGNORE_INDEX
+        targets[self.offsets[:-1]] = False
+        return np.add.reduceat(targets, self.offsets[:-1]) > 0 if len(self) else np.zeros(0, bool)
 
 
-def _token_ids(tokenizer: PreTrainedTokenizerBase, text: str, cutoff_len: int) -> list[int]:
-    return list(tokenizer(text, truncation=True, max_length=cutoff_len, padding=False)["input_ids"])
+def tokenize_rows(
+    rows: Sequence[dict], tokenizer: PreTrainedTokenizerBase, cutoff_len: int = 256, train_on_inputs: bool = True
+) -> TokenizedRows:
+    """LLM-Adapters' rule for every row: prompt + output, truncated at `cutoff_len`, EOS appended when it fits; with
+    `train_on_inputs` False the prompt's tokens get label IGNORE_INDEX. One batched tokenizer call for all rows."""
+    prompts = [prompt(row["instruction"], row["input"]) for row in rows]
+    texts = _token_ids(tokenizer, [p + row["output"] for p, row in zip(prompts, rows)], cutoff_len)
+    masked = [0] * len(rows) if train_on_inputs else [len(ids) for ids in _token_ids(tokenizer, prompts, cutoff_len)]
+    input_ids, labels, offsets = [], [], [0]
+    for ids, prompt_length in zip(texts, masked):
+        # A truncated text gets no EOS: the model must not learn to stop in mid-answer.
+        if ids[-1] != tokenizer.eos_token_id and len(ids) < cutoff_len:
+            ids = [*ids, tokenizer.eos_token_id]
+        input_ids.extend(ids)
+        labels.extend([IGNORE_INDEX] * prompt_length + ids[prompt_length:])
+        offsets.append(len(input_ids))
+    return TokenizedRows(
+        np.asarray(input_ids, np.int32), np.asarray(labels, np.int32), np.asarray(offsets, np.int64)
+    )
 
 
-def collate(examples: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pads a batch to its longest example: pads get `pad_token_id`, attention 0 and label -100."""
-    width = max(len(example["input_ids"]) for example in examples)
-    batch = {"input_ids": [], "attention_mask": [], "labels": []}
-    for example in examples:
-        pad = width - len(example["input_ids"])
-        batch["input_ids"].append(example["input_ids"] + [pad_token_id] * pad)
-        batch["attention_mask"].append([1] * len(example["input_ids"]) + [0] * pad)
-        batch["labels"].append(example["labels"] + [IGNORE_INDEX] * pad)
-    return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+def _token_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str], cutoff_len: int) -> list[list[int]]:
+    return tokenizer(texts, truncation=True, max_length=cutoff_len, padding=False)["input_ids"] if texts else []
+
+
+def collate(rows: TokenizedRows, indices: Sequence[int], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Rows `indices`, right-padded to the longest of them: pads get `pad_token_id`, attention 0 and label -100."""
+    bounds = [(rows.offsets[i], rows.offsets[i + 1]) for i in indices]
+    width = max(end - start for start, end in bounds)
+    input_ids = np.full((len(bounds), width), pad_token_id, np.int64)
+    labels = np.full((len(bounds), width), IGNORE_INDEX, np.int64)
+    attention_mask = np.zeros((len(bounds), width), np.int64)
+    for row, (start, end) in enumerate(bounds):
+        input_ids[row, :end - start] = rows.input_ids[start:end]
+        labels[row, :end - start] = rows.labels[start:end]
+        attention_mask[row, :end - start] = 1
+    return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask),
+            "labels": torch.from_numpy(labels)}

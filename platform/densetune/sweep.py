@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import pandas as pd
 import pyarrow.fs
+import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
@@ -33,8 +34,8 @@ from densemod.denselora.config import check_choice
 
 from .config import TrialConfig
 from .trial import (
-    check_adapter_fits, check_config, check_placeable, check_positive, ensure_ray, load_inputs, run_trial,
-    storage_root, uses_gpu, workers_that_fit,
+    TrialData, check_adapter_fits, check_config, check_placeable, check_positive, ensure_ray, load_data, run_trial,
+    storage_root, training_rows, uses_gpu, workers_that_fit,
 )
 from .tracking import SweepTracker, artifact_root, check_tracking_uri, default_tracking_uri, sweep_runs
 
@@ -44,7 +45,7 @@ SCHEDULERS = ("fifo", "asha")
 # A trial's driver only starts its worker group and waits: a sliver of memory, no CPU, so that a 2-worker trial
 # still fits a 2-CPU machine (Tune's default of 1 CPU per trial would leave it 1).
 DRIVER_RESOURCES = {"memory": 256 * 2**20}
-RECORD = "densetune_sweep.json"  # in the sweep's folder: its study and tracking store, for --resume
+RECORD = "densetune_sweep.json"  # in the sweep's folder: its study, tracking store and trial settings, for --resume
 # Search values for "method" may also name a DenseLoRA variant: one axis compares the paper's variants with the
 # PEFT baselines.
 METHOD_CHOICES = (*densemod.METHODS, *(v for v in densemod.VARIANTS if v != "denselora"))
@@ -84,13 +85,13 @@ def trial_config(params: dict[str, Any]) -> TrialConfig:
     return TrialConfig.from_dict(params)
 
 
-def sweep_trial(params: dict[str, Any]) -> None:
-    """The Tune trainable: one trial's Ray Train run, its reports forwarded to Tune.
+def sweep_trial(params: dict[str, Any], data: TrialData) -> None:
+    """The Tune trainable: one trial's Ray Train run on the sweep's data, its reports forwarded to Tune.
 
     The Train run is named for the Tune trial, so a restored sweep resumes it from its last checkpoint.
     """
     config = dataclasses.replace(trial_config(params), name=tune.get_context().get_trial_id())
-    run_trial(config, callbacks=[TuneReportCallback()])
+    run_trial(config, callbacks=[TuneReportCallback()], data=data)
 
 
 def check_space(sweep: SweepConfig) -> None:
@@ -209,31 +210,36 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
         if not tune.Tuner.can_restore(folder):
             raise ValueError(f"there is no sweep to resume at {folder}: check --name and --storage-path")
         # A resumed sweep keeps its study, store, search space and settings: Tune and this record saved them.
-        study, uri = (json.loads(read_text(f"{folder}/{RECORD}"))[k] for k in ("study", "tracking_uri"))
-        sweep = dataclasses.replace(sweep, study=study)
+        record = json.loads(read_text(f"{folder}/{RECORD}"))
+        uri = record["tracking_uri"]
+        sweep = dataclasses.replace(sweep, study=record["study"], trial=TrialConfig.from_dict(record["trial"]))
     elif tune.Tuner.can_restore(folder):
         raise ValueError(f"sweep {name!r} already exists at {folder}: pass --resume to continue it, or another --name")
     check_storage(sweep.trial.storage_path)
     check_tracking_uri(uri)
-    # The data once, at the smallest fraction searched (check_space checked the settings): every trial must get at
-    # least one batch.
+    # The data once for every trial (none of its sources is searched), checked at the smallest fraction searched:
+    # every trial must get at least one batch.
+    data = load_data(sweep.trial)
     fractions = sweep.space.get("data_fraction", [sweep.trial.data_fraction])
     smallest = min(fractions) if isinstance(fractions, (list, tuple)) else sweep.trial.data_fraction
-    load_inputs(dataclasses.replace(sweep.trial, data_fraction=smallest))
+    training_rows(dataclasses.replace(sweep.trial, data_fraction=smallest), data)
     ensure_ray()
     gpu = uses_gpu(sweep.trial)
     check_placeable(sweep.trial, gpu)
 
     # Trials report accuracy only when they evaluate; Tune would otherwise reject every report without it.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    trainable = tune.with_resources(sweep_trial, DRIVER_RESOURCES)
+    # The tokenized rows go into the object store once; each trial's workers read them there.
+    shared = dataclasses.replace(data, train=ray.put(data.train))
+    trainable = tune.with_resources(tune.with_parameters(sweep_trial, data=shared), DRIVER_RESOURCES)
     tracker = SweepTracker(
         uri, sweep.study, name, trial_config, list(sweep.space), sweep_params(sweep), artifact_root(uri)
     )
     if sweep.resume:
         tuner = tune.Tuner.restore(folder, trainable, resume_unfinished=True, resume_errored=True)
     else:
-        write_text(f"{folder}/{RECORD}", json.dumps({"study": sweep.study, "tracking_uri": uri, **sweep_params(sweep)}))
+        record = {"study": sweep.study, "tracking_uri": uri, "trial": dataclasses.asdict(sweep.trial), **sweep_params(sweep)}
+        write_text(f"{folder}/{RECORD}", json.dumps(record))
         tuner = tune.Tuner(
             trainable, param_space=param_space(sweep, folder),
             tune_config=tune_config(sweep, trials_that_fit(sweep.trial, gpu)),

@@ -29,8 +29,10 @@ from ray import tune
 from .config import TrialConfig, field_type
 
 # Reported once per trial and constant: logged as params, not as metric series.
-FACTS = {"trainable_params": int, "total_params": int, "trainable_pct": float, "total_steps": int}
-STEP_METRICS = ("loss", "learning_rate", "tokens_per_s", "step_time_s", "peak_memory_mb", "epoch")
+FACTS = {"trainable_params": int, "total_params": int, "trainable_pct": float, "total_steps": int, "precision": str}
+STEP_METRICS = (
+    "loss", "learning_rate", "tokens_per_s", "padding_fraction", "step_time_s", "peak_memory_mb", "epoch", "startup_s",
+)
 ROLE, SWEEP, STUDY, TRIAL_ID, NODE_ID = "densetune.role", "sweep", "study", "ray.trial_id", "ray.node_id"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 RECORD_FILES = ("predictions.json", "summary.json")

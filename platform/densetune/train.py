@@ -1,12 +1,15 @@
 """The training loop each Ray Train worker runs: one trial's fine-tuning, its checkpoints and its evaluation.
 
 Read top to bottom: build the model, restore a checkpoint if Ray hands one over, then step through the data,
-reporting every few steps and checkpointing every few more, and evaluate at the end.
+reporting every few steps and checkpointing every few more, and evaluate at the end. The data arrives tokenized,
+through Ray's object store (`loop_config`: the trial's config, the tokenized rows and which of them this trial trains
+on, the evaluation sets, and when the trial started).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -15,22 +18,24 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+import numpy as np
 import ray
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
 from peft import get_peft_model
-from torch.utils.data import DistributedSampler
 from transformers import get_linear_schedule_with_warmup
 
 import densemod
 
 from . import checkpoint as ckpt
+from . import precision as mixed
+from .batching import epoch_batches, token_counts
 from .config import TrialConfig
-from .data import IGNORE_INDEX, collate, tokenize
+from .data import IGNORE_INDEX, TokenizedRows, collate
 from .evaluate import accuracy, evaluate
 from .models import load_model, load_tokenizer
 
@@ -47,22 +52,22 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     on_gpu = device.type == "cuda"
 
     tokenizer = load_tokenizer(cfg.model)
-    examples = trainable_examples(
-        [tokenize(row, tokenizer, cfg.cutoff_len, cfg.train_on_inputs) for row in ray.get(loop_config["train_rows"])], cfg, rank
-    )
+    rows: TokenizedRows = ray.get(loop_config["train"])
+    examples: np.ndarray = loop_config["train_indices"]  # which rows this trial trains on
+    lengths = rows.lengths[examples]
     eval_sets = ray.get(loop_config["eval_sets"])
     steps_per_epoch = len(examples) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(examples)} trainable examples make no batch of batch_size {cfg.batch_size}")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     stop = min(total_steps, cfg.stop_after_step or total_steps)
+    precision = mixed.resolve(cfg.dtype, device)
 
     # The same seed on every worker gives every worker the same adapter initialisation.
     torch.manual_seed(cfg.seed)
-    base = load_model(cfg.model, dtype=model_dtype(cfg.dtype, on_gpu))
+    base = load_model(cfg.model, dtype=mixed.weights_dtype(precision))
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing recomputes the shared encoder correctly under DDP.
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # PEFT keeps the adapter's weights in float32 over bfloat16 base weights (autocast_adapter_dtype).
     model = get_peft_model(base, cfg.peft_config(total_steps)).to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
@@ -87,110 +92,85 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     # sees them from the start.
     facts = {
         "trainable_params": report.trainable, "total_params": report.total, "trainable_pct": report.trainable_pct,
-        "total_steps": total_steps, "node_id": ray.get_runtime_context().get_node_id(),
+        "total_steps": total_steps, "precision": precision, "node_id": ray.get_runtime_context().get_node_id(),
     }
     summary: dict[str, Any] = {
         **facts, "resumed_from_step": position.step if restored else None, "history": [], "evaluations": [],
         "predictions": [],
     }
-    log(rank, f"{report} | steps {position.step}->{stop} of {total_steps} | {world} worker(s) on {device}")
+    log(rank, f"{report} | steps {position.step}->{stop} of {total_steps} | {world} worker(s) on {device} | {precision}")
+    evaluation = (model, tokenizer, eval_sets, cfg, rank, world, summary, functools.partial(mixed.autocast, precision, device))
+    startup: dict[str, float] = {}  # from run_trial to the first optimizer step, reported once
 
     if cfg.eval_at_start and not restored:
-        metrics = {"step": 0, **run_evaluation(model, tokenizer, eval_sets, cfg, rank, world, summary, 0)}
+        metrics = {"step": 0, **run_evaluation(*evaluation, 0)}
         log(rank, f"before training: {format_accuracies(metrics)}")
         ray.train.report(metrics)
     evaluated_at_end = False
     while position.step < stop:
-        batches = epoch_batches(len(examples), position.epoch, cfg, rank, world)
+        batches = epoch_batches(
+            lengths, cfg.batch_size, cfg.micro_batch_size, position.epoch, cfg.seed, rank, world, cfg.group_by_length
+        )
         for micro_batches in batches[position.step_in_epoch:]:
             started = time.perf_counter()
-            loss, tokens = train_step(ddp_model, micro_batches, examples, tokenizer.pad_token_id, world, device, cfg, optimizer)
+            inputs = [collate(rows, examples[batch], tokenizer.pad_token_id) for batch in micro_batches]
+            loss, tokens, slots = train_step(
+                ddp_model, inputs, token_counts(lengths, micro_batches), world, device, precision, cfg, optimizer
+            )
             scheduler.step()
             after_step(position.step + 1)
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - started
+            if "startup_s" not in summary:
+                summary["startup_s"] = startup["startup_s"] = time.time() - loop_config["started_at"]
             position = ckpt.Position(position.step + 1, position.epoch, position.step_in_epoch + 1)
 
             step = position.step
             metrics = {
                 "step": step, "epoch": step / steps_per_epoch, "loss": loss,
-                "learning_rate": scheduler.get_last_lr()[0],
-                "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "peak_memory_mb": peak_memory_mb(on_gpu),
-                **facts,
+                "learning_rate": scheduler.get_last_lr()[0], "tokens_per_s": tokens / elapsed,
+                "padding_fraction": 1 - tokens / slots, "step_time_s": elapsed, "peak_memory_mb": peak_memory_mb(on_gpu),
+                **facts, **startup,
             }
             finished = evaluated_at_end = step == total_steps
             evaluating = finished or bool(cfg.eval_every and step % cfg.eval_every == 0)
             if evaluating:
-                metrics.update(run_evaluation(model, tokenizer, eval_sets, cfg, rank, world, summary, step))
+                metrics.update(run_evaluation(*evaluation, step))
             at_checkpoint = step == stop or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
             if at_checkpoint or evaluating or step % cfg.report_every == 0:
                 summary["history"].append(metrics)
                 log(rank, format_metrics(metrics, total_steps))
                 report_to_ray(metrics, model, optimizer, scheduler, position, rank, at_checkpoint, summary if finished else None)
+                startup.clear()
             if step == stop:
                 break
         else:
             position = ckpt.Position(position.step, position.epoch + 1, 0)
     if position.step == total_steps and not evaluated_at_end:  # resumed a run that had already finished
-        metrics = {"step": position.step, **run_evaluation(model, tokenizer, eval_sets, cfg, rank, world, summary, position.step)}
+        metrics = {"step": position.step, **run_evaluation(*evaluation, position.step)}
         report_to_ray(metrics, model, optimizer, scheduler, position, rank, True, summary)
     return summary
 
 
-def trainable_examples(examples: list[dict], cfg: TrialConfig, rank: int) -> list[dict]:
-    """Drop the examples whose answer the cutoff removed: with the prompt masked they have no target token, and a
-    batch of them would divide the loss by zero."""
-    kept = [e for e in examples if any(label != IGNORE_INDEX for label in e["labels"][1:])]
-    if len(kept) < len(examples):
-        log(rank, f"{len(examples) - len(kept)} of {len(examples)} examples have no target token within cutoff_len "
-                  f"{cfg.cutoff_len} and are skipped")
-    return kept
-
-
-def model_dtype(name: str, on_gpu: bool) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if on_gpu else torch.float32
-    return getattr(torch, name)
-
-
-def epoch_batches(n: int, epoch: int, cfg: TrialConfig, rank: int, world: int) -> list[list[list[int]]]:
-    """This worker's micro-batches (lists of example indices) for every optimizer step of one epoch.
-
-    The sampler deals the shuffled epoch out round-robin, so step s covers examples s*B..(s+1)*B-1 of the
-    shuffled order whatever the number of workers: 1 and 2 workers train on the same global batches.
-    """
-    sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-    sampler.set_epoch(epoch)
-    indices = list(sampler)
-    per_worker = cfg.batch_size // world
-    return [
-        [indices[start + offset: start + offset + cfg.micro_batch_size] for offset in range(0, per_worker, cfg.micro_batch_size)]
-        for start in range(0, (n // cfg.batch_size) * per_worker, per_worker)
-    ]
-
-
 def train_step(
-    model: torch.nn.Module, micro_batches: list[list[int]], examples: list[dict], pad_token_id: int, world: int,
-    device: torch.device, cfg: TrialConfig, optimizer: torch.optim.Optimizer,
-) -> tuple[float, int]:
-    """One optimizer step over this worker's micro-batches; returns the global batch's mean token loss and size.
+    model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], counts: tuple[int, int], world: int,
+    device: torch.device, precision: str, cfg: TrialConfig, optimizer: torch.optim.Optimizer,
+) -> tuple[float, int, int]:
+    """One optimizer step over this worker's micro-batches, whose (real tokens, token slots) are `counts`.
 
-    The loss is summed over the global batch's target tokens and divided by their count, so it does not depend
-    on how the batch is split between workers and accumulation steps.
+    Returns the global batch's mean token loss, real tokens and token slots (padding included). The loss is summed
+    over the global batch's target tokens and divided by their count, so it does not depend on how the batch is
+    split between workers and accumulation steps.
     """
     model.train()
-    batches = [collate([examples[i] for i in indices], pad_token_id) for indices in micro_batches]
-    targets, tokens = all_reduce_sum(  # the global batch's target and attention tokens, in one collective
-        device,
-        sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches),
-        sum(int(b["attention_mask"].sum()) for b in batches),
+    targets, tokens, slots = all_reduce_sum(  # the global batch's counts, in one collective
+        device, sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches), *counts
     )
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     loss_sum = 0.0
     for i, batch in enumerate(batches):
         # Gradients are all-reduced on the last micro-batch only.
         syncing = i == len(batches) - 1 or not hasattr(model, "no_sync")
-        with (contextlib.nullcontext() if syncing else model.no_sync()), autocast:
+        with (contextlib.nullcontext() if syncing else model.no_sync()), mixed.autocast(precision, device):
             loss = model(**{k: v.to(device) for k, v in batch.items()}, num_items_in_batch=targets).loss
             # DDP averages gradients over workers; the loss is already a share of the global sum.
             (loss * world).backward()
@@ -198,7 +178,7 @@ def train_step(
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
     optimizer.step()
     (global_loss,) = all_reduce_sum(device, loss_sum)
-    return global_loss, tokens
+    return global_loss, tokens, slots
 
 
 def all_reduce_sum(device: torch.device, *values: float) -> tuple:
@@ -212,19 +192,22 @@ def all_reduce_sum(device: torch.device, *values: float) -> tuple:
 
 def run_evaluation(
     model: Any, tokenizer: Any, eval_sets: list[tuple[str, list[dict]]], cfg: TrialConfig, rank: int, world: int,
-    summary: dict[str, Any], step: int,
+    summary: dict[str, Any], autocast: Callable[[], contextlib.AbstractContextManager], step: int,
 ) -> dict[str, float]:
-    """Accuracy per benchmark and their average; on rank 0, or on every worker's share when sharded."""
+    """Accuracy per benchmark and their average, in the trial's precision; on rank 0, or on every worker's share
+    when sharded."""
     results: dict[str, float] = {}
     predictions = []
     for name, rows in eval_sets:
         if cfg.eval_sharded and world > 1:
-            mine = evaluate(model, tokenizer, name, rows, cfg.eval_mode, cfg.max_new_tokens, cfg.eval_batch_size, shard=(rank, world), progress=rank == 0)
+            with autocast():
+                mine = evaluate(model, tokenizer, name, rows, cfg.eval_mode, cfg.max_new_tokens, cfg.eval_batch_size, shard=(rank, world), progress=rank == 0)
             gathered: list[Any] = [None] * world
             dist.all_gather_object(gathered, mine)
             found = sorted((p for part in gathered for p in part), key=lambda p: p.index)
         elif rank == 0:
-            found = evaluate(model, tokenizer, name, rows, cfg.eval_mode, cfg.max_new_tokens, cfg.eval_batch_size, progress=True)
+            with autocast():
+                found = evaluate(model, tokenizer, name, rows, cfg.eval_mode, cfg.max_new_tokens, cfg.eval_batch_size, progress=True)
         else:
             continue
         results[f"accuracy/{name}"] = accuracy(found)

@@ -14,11 +14,13 @@ import os
 import sys
 import time
 import typing
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
+import numpy as np
 import ray
 import ray.train
 from peft import get_peft_model
@@ -28,21 +30,33 @@ import densemod
 from densemod.denselora.config import check_choice
 
 from .config import DTYPES, EVAL_MODES, TrialConfig, comma_list, field_type
-from .data import Benchmark, check_fraction, load_benchmark, load_training_rows, sample_rows
+from .data import (
+    Benchmark, TokenizedRows, check_fraction, fraction_indices, load_benchmark, load_training_rows, sample_rows,
+    tokenize_rows,
+)
 from .evaluate import LABEL_FORMATS, answer_format
-from .models import check_model_name, meta_model
+from .models import check_model_name, load_tokenizer, meta_model
 from .train import train_loop
+
+logger = logging.getLogger(__name__)
 
 # Ray Train polls workers for reports every 2 s by default, and each report waits for the poll.
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
 
 
 @dataclass
-class TrialInputs:
-    """What the workers need besides the config, checked and loaded once by the driver."""
+class TrialData:
+    """Every training row tokenized, and every evaluation benchmark's test rows, loaded once on the driver.
 
-    train_rows: list[dict]
-    eval_sets: list[tuple[str, list[dict]]]
+    Trials that agree on `source` can share one: a sweep loads it once for all its trials and puts `train` into Ray's
+    object store, where every worker of every trial reads it. A trial picks its own rows from it (data_fraction, seed,
+    eval_limit).
+    """
+
+    source: tuple  # what it was made from: data_source(config)
+    train: Union[TokenizedRows, ray.ObjectRef]  # all training rows, in load_training_rows' order
+    trainable: np.ndarray  # per training row: whether a target token is left within cutoff_len
+    eval_sets: list[tuple[str, list[dict]]]  # (benchmark, all its test rows)
 
 
 @dataclass
@@ -58,19 +72,43 @@ class TrialResult:
         return {k: v for k, v in self.summary["evaluations"][-1].items() if k != "step"} if self.summary["evaluations"] else {}
 
 
-def prepare(config: TrialConfig) -> TrialInputs:
+def prepare(config: TrialConfig) -> TrialData:
     """Check the configuration and load the data; every error here is one line naming the bad value."""
     check_config(config)
     check_adapter_fits(config)
-    return load_inputs(config)
+    data = load_data(config)
+    training_rows(config, data)
+    return data
 
 
-def load_inputs(config: TrialConfig) -> TrialInputs:
-    """The training rows and the evaluation sets, checked: enough rows for a batch, answers the eval mode can score."""
-    rows = load_training_rows(config.datasets, config.data_fraction, config.seed)
-    if len(rows) < config.batch_size:
-        raise ValueError(f"{len(rows)} training rows make no batch of batch_size {config.batch_size}")
-    return TrialInputs(rows, [eval_set(source, config) for source in eval_sources(config)])
+def data_source(config: TrialConfig) -> tuple:
+    """The settings that decide a trial's TrialData."""
+    return config.model, tuple(config.datasets), tuple(eval_sources(config)), config.cutoff_len, config.train_on_inputs
+
+
+def load_data(config: TrialConfig) -> TrialData:
+    """Read and tokenize every training row, and read the evaluation benchmarks, checking that the eval mode can
+    score their answers."""
+    rows = tokenize_rows(
+        load_training_rows(config.datasets), load_tokenizer(config.model), config.cutoff_len, config.train_on_inputs
+    )
+    eval_sets = [eval_benchmark(source, config.eval_mode) for source in eval_sources(config)]
+    return TrialData(data_source(config), rows, rows.trainable(), eval_sets)
+
+
+def training_rows(config: TrialConfig, data: TrialData) -> np.ndarray:
+    """The rows this trial trains on: its data_fraction of them, chosen with its seed, less those with no target
+    token within the cutoff."""
+    chosen = np.asarray(fraction_indices(len(data.trainable), config.data_fraction, config.seed), dtype=np.int64)
+    kept = chosen[data.trainable[chosen]]
+    if len(kept) < len(chosen):
+        logger.warning(
+            "%d of %d training rows have no target token within cutoff_len %d and are skipped",
+            len(chosen) - len(kept), len(chosen), config.cutoff_len,
+        )
+    if len(kept) < config.batch_size:
+        raise ValueError(f"{len(kept)} trainable training rows make no batch of batch_size {config.batch_size}")
+    return kept
 
 
 def check_config(config: TrialConfig) -> None:
@@ -108,19 +146,23 @@ def eval_sources(config: TrialConfig) -> list[str]:
     return config.datasets if config.eval_datasets is None else config.eval_datasets
 
 
-def eval_set(source: str, config: TrialConfig) -> tuple[str, list[dict]]:
+def eval_benchmark(source: str, eval_mode: str) -> tuple[str, list[dict]]:
     benchmark: Benchmark = load_benchmark(source, "test")
     fmt = answer_format(benchmark.name, [row["answer"] for row in benchmark.rows])
-    if config.eval_mode == "loglik" and fmt not in LABEL_FORMATS:
+    if eval_mode == "loglik" and fmt not in LABEL_FORMATS:
         raise ValueError(
             f"eval_mode 'loglik' scores fixed candidates, but {benchmark.name!r} has {fmt!r} answers: "
             "use eval_mode 'generate'"
         )
-    rows = benchmark.rows
+    return benchmark.name, benchmark.rows
+
+
+def eval_set(config: TrialConfig, name: str, rows: list[dict]) -> tuple[str, list[dict]]:
+    """The questions a trial evaluates on: all, or a fixed subset of eval_limit, the same for every trial with the
+    same seed."""
     if config.eval_limit and config.eval_limit < len(rows):
-        # A fixed subset: the same questions for every trial with the same seed.
         rows = sample_rows(rows, config.eval_limit, config.seed)
-    return benchmark.name, rows
+    return name, rows
 
 
 def check_positive(name: str, value: Any) -> None:
@@ -189,13 +231,22 @@ def check_placeable(config: TrialConfig, gpu: bool) -> None:
             )
 
 
-def run_trial(config: TrialConfig, callbacks: Sequence[ray.train.UserCallback] = ()) -> TrialResult:
+def run_trial(
+    config: TrialConfig, callbacks: Sequence[ray.train.UserCallback] = (), data: Optional[TrialData] = None
+) -> TrialResult:
     """Run one trial to the end (or to stop_after_step) and return rank 0's summary.
 
-    `callbacks` go to Ray Train's RunConfig: a sweep passes Tune's report callback there.
+    `callbacks` go to Ray Train's RunConfig: a sweep passes Tune's report callback there. `data`: the sweep's data,
+    loaded once for all its trials (checked against this config); None to load it here.
     """
-    started = time.perf_counter()
-    inputs = prepare(config)
+    started, started_at = time.perf_counter(), time.time()
+    if data is None:
+        data = prepare(config)
+    else:
+        check_config(config)
+        if data.source != data_source(config):
+            raise ValueError(f"the data given was loaded for {data.source}, not for this trial's {data_source(config)}")
+    examples = training_rows(config, data)
     ensure_ray()
     gpu = uses_gpu(config)
     check_placeable(config, gpu)
@@ -204,8 +255,10 @@ def run_trial(config: TrialConfig, callbacks: Sequence[ray.train.UserCallback] =
         train_loop,
         train_loop_config={
             "config": dataclasses.asdict(config),
-            "train_rows": ray.put(inputs.train_rows),
-            "eval_sets": ray.put(inputs.eval_sets),
+            "train": data.train if isinstance(data.train, ray.ObjectRef) else ray.put(data.train),
+            "train_indices": examples,
+            "eval_sets": ray.put([eval_set(config, name, rows) for name, rows in data.eval_sets]),
+            "started_at": started_at,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers, use_gpu=gpu, resources_per_worker=resources
@@ -234,11 +287,14 @@ def print_summary(result: TrialResult) -> None:
         f"trainable params: {summary['trainable_params']:,d} of {summary['total_params']:,d} "
         f"({summary['trainable_pct']:.4f}%)"
     )
+    print(f"precision: {summary['precision']}")
     if history:
         print(f"loss: {history[0]['loss']:.4f} (step {history[0]['step']}) -> {history[-1]['loss']:.4f} (step {history[-1]['step']})")
     for name, value in result.accuracies.items():
         print(f"{name}: {value:.4f}")
     print(f"checkpoint (adapter, predictions.json): {result.checkpoint}")
+    if "startup_s" in summary:
+        print(f"first optimizer step after: {summary['startup_s']:.1f} s")
     print(f"wall time: {result.wall_time_s:.1f} s")
 
 
