@@ -17,7 +17,7 @@ import densemod  # noqa: F401  (registers DenseLoRA with PEFT, so its adapters l
 from densetune.config import TrialConfig
 from densetune.evaluate import Prediction, accuracy, evaluate
 from densetune.models import load_model, load_tokenizer
-from densetune.trial import eval_benchmark, eval_set
+from densetune.inputs import eval_benchmark, eval_set
 
 
 def mcnemar_p(before: list[Prediction], after: list[Prediction]) -> float:

@@ -31,6 +31,29 @@ def test_the_five_studies_exist():
     ]
 
 
+HEAVY = ("torch", "transformers", "peft", "datasets", "mlflow", "ray.tune", "ray.train", "pandas", "matplotlib")
+# Runs a command line's --help in a fresh interpreter and prints the heavy libraries it imported.
+HELP = """
+import runpy, sys
+target, sys.argv = sys.argv[1], sys.argv[1:] + ["--help"]
+try:
+    runpy.run_module(target, run_name="__main__", alter_sys=True) if target.startswith("densetune") else runpy.run_path(target, run_name="__main__")
+except SystemExit as exit:
+    assert exit.code == 0, exit.code
+print("imported:", *sorted(m for m in HEAVY if m in sys.modules))
+""".replace("HEAVY", repr(HEAVY))
+
+
+@pytest.mark.parametrize("target", [*map(str, STUDIES), "densetune.trial"], ids=lambda t: Path(t).stem)
+def test_help_answers_without_importing_the_heavy_libraries(target):
+    # --help must answer at once (bench/throughput.py times it): torch, PEFT, MLflow and Ray Tune take seconds each.
+    done = subprocess.run([sys.executable, "-c", HELP, target], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    *usage, loaded = done.stdout.rstrip("\n").split("\n")
+    assert usage[0].startswith("usage: ")
+    assert loaded == "imported:"
+
+
 @pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)
 def test_each_study_is_valid_as_shipped_and_as_smoke(path):
     module = load(path)

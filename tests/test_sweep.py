@@ -116,9 +116,18 @@ def test_optuna_draws_the_trials_from_the_listed_values(local_ray, tmp_path):
     assert trials["accuracy/average"].notna().all()  # what Optuna was told to maximise
 
 
+def model_without_weights(folder: Path) -> str:
+    """A model folder with a config and a tokenizer but no weights: every check passes, and the workers fail to load
+    it."""
+    from densetune.models import byte_tokenizer, tiny_llama_config
+
+    tiny_llama_config().save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
 def test_trials_report_a_failure_as_a_failed_run(local_ray, tmp_path):
-    # cutoff_len 8 leaves no answer token in any example: the trial's training loop raises on its workers
-    sweep = SweepConfig("fail_study", {"rank": [4]}, trial(tmp_path, cutoff_len=8), name="f")
+    sweep = SweepConfig("fail_study", {"rank": [4]}, trial(tmp_path, model=model_without_weights(tmp_path / "m")), name="f")
     result = run_sweep(sweep)
 
     _, parents, children = tracked(result.tracking_uri, "f")
@@ -137,12 +146,17 @@ def test_trials_report_a_failure_as_a_failed_run(local_ray, tmp_path):
         (dict(space={"targets": ["qkv", "q,x_proj"]}), r"x_proj"),
         (dict(space={"variant": ["freeze"], "method": ["lora"]}), r"trial variant=freeze method=lora: variant 'freeze' applies"),
         (dict(search="bayes"), r"search must be one of"),
+        # cutoff_len 8 leaves no answer token in any example
+        (dict(trial=dict(cutoff_len=8)), r"0 trainable training rows make no batch of batch_size 4"),
+        (dict(trial=dict(num_workers=0)), r"num_workers 0 runs a trial in the process that starts it"),
         (dict(tracking_uri="http://127.0.0.1:9"), r"tracking URI 'http://127.0.0.1:9' cannot be reached"),
         (dict(resume=True, name="never-started"), r"there is no sweep to resume at .*never-started"),
     ],
 )
 def test_bad_input_is_one_line_before_any_trial(tmp_path, change, message):
-    sweep = dataclasses.replace(SweepConfig("bad", {"rank": [4]}, trial(tmp_path), name="bad"), **change)
+    change = dict(change)
+    sweep = SweepConfig("bad", {"rank": [4]}, trial(tmp_path, **change.pop("trial", {})), name="bad")
+    sweep = dataclasses.replace(sweep, **change)
     with pytest.raises(ValueError, match=message) as error:
         run_sweep(sweep)
     assert "\n" not in str(error.value)

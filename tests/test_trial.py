@@ -31,11 +31,16 @@ def test_one_and_two_workers_train_on_the_same_global_batches(local_ray, tmp_pat
         storage_path=str(tmp_path),
     ))
 
-    assert list(losses(one)) == list(losses(two)) == [1, 2, 3, 4]
+    # and the same loop in this process (Ray Train's local mode)
+    here = run_trial(TrialConfig(**FAST, max_steps=4, num_workers=0, name="here", storage_path=str(tmp_path)))
+
+    assert list(losses(one)) == list(losses(two)) == list(losses(here)) == [1, 2, 3, 4]
     assert losses(one)[4] < losses(one)[1]  # lr 1e-2 without warm-up: the later steps depend on the updates
     assert losses(two) == pytest.approx(losses(one), rel=1e-4)
-    assert two.accuracies == one.accuracies
+    assert losses(here) == pytest.approx(losses(one), rel=1e-4)
+    assert two.accuracies == one.accuracies == here.accuracies
     assert [p["index"] for p in two.summary["predictions"]] == list(range(16))
+    assert (here.path, here.checkpoint) == (None, None) and one.checkpoint.startswith(one.path)
 
 
 def test_resume_continues_the_uninterrupted_loss_curve(local_ray, tmp_path):

@@ -1,4 +1,6 @@
-"""One trial's configuration: what the user wrote, serialisable whole (it is logged to the tracking store as is)."""
+"""The configuration of a trial and of a sweep: what the user wrote, serialisable whole (it is logged to the tracking
+store as is). Plain dataclasses, importable without torch, PEFT or Ray, so that command lines answer --help at once.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +9,16 @@ import functools
 import json
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from peft import PeftConfig
-
-import densemod
+if TYPE_CHECKING:
+    from peft import PeftConfig
 
 EVAL_MODES = ("generate", "loglik")
 DTYPES = ("auto", "float32", "bfloat16")
+SEARCHABLE = ("rank", "targets", "data_fraction", "method", "variant", "lr", "alpha", "dropout", "seed")
+SEARCHES = ("grid", "random", "optuna")
+SCHEDULERS = ("fifo", "asha")
 
 
 @dataclass
@@ -49,6 +53,7 @@ class TrialConfig:
     # float32; bfloat16: base weights in bf16 and bf16 autocast, adapter weights and optimizer state in float32
     dtype: str = "auto"
     # Ray Train worker group
+    # 0: Ray Train's local mode, the loop runs in this process (for debuggers and profilers; no checkpoints, no sweeps)
     num_workers: int = 1
     use_gpu: Optional[bool] = None  # None: when the cluster has GPUs
     cpus_per_worker: float = 1.0
@@ -68,6 +73,8 @@ class TrialConfig:
 
     def peft_config(self, total_steps: int) -> PeftConfig:
         """The adapter this trial trains (total_steps matters to AdaLoRA's schedule only)."""
+        import densemod
+
         return densemod.build_peft_config(
             self.method, self.rank, self.alpha, self.dropout, self.targets, self.variant, total_steps=total_steps
         )
@@ -82,6 +89,23 @@ class TrialConfig:
         if unknown:
             raise ValueError(f"unknown trial settings {unknown}; allowed: {sorted(known)}")
         return cls(**values)
+
+
+@dataclass
+class SweepConfig:
+    study: str  # the MLflow experiment: sweeps of one study are compared there
+    space: dict[str, Any]  # a searchable setting -> a list of values (or a ray.tune distribution, random/optuna)
+    trial: TrialConfig = field(default_factory=TrialConfig)  # every other setting; its storage_path holds the sweep
+    search: str = "grid"  # grid: every combination; random: num_samples draws; optuna: Bayesian, num_samples trials
+    num_samples: int = 1  # grid: passes over the grid (with different seeds only if seed is searched)
+    scheduler: str = "fifo"  # asha: stop the worse trials early, at steps grace_period, 2x, 4x, ...
+    metric: str = "accuracy/average"  # what optuna and asha compare; ASHA sees it only where a trial reports it
+    mode: str = "max"
+    grace_period: int = 10
+    max_concurrent: int = 0  # 0: as many trials at once as the cluster's nodes fit (no limit on an autoscaling cluster)
+    name: Optional[str] = None  # the sweep's folder and MLflow name; None: <study>-<time>
+    tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite in the storage path
+    resume: bool = False  # continue the sweep called `name`: unfinished trials resume, finished ones are kept
 
 
 @functools.cache

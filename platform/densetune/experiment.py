@@ -3,6 +3,8 @@ command-line flags, the sweep, and the summary table at the end.
 
 With no flags a study runs on a laptop: a local Ray, the built-in pretrained SmolLM2-135M, the built-in task, an
 embedded sqlite store. --smoke runs the same study in a few minutes on the random tiny model.
+
+The sweep, and with it Ray Tune, MLflow and torch, is imported only once the flags are read: --help answers at once.
 """
 
 from __future__ import annotations
@@ -14,15 +16,12 @@ import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import pandas as pd
-from mlflow import MlflowClient
+from .config import SCHEDULERS, SEARCHABLE, SEARCHES, SweepConfig, TrialConfig, comma_list, field_type
 
-from .config import TrialConfig, comma_list, field_type
-from .report import plot_metric
-from .sweep import SEARCHABLE, SEARCHES, SCHEDULERS, SweepConfig, SweepResult, run_sweep
-from .tracking import ui_command
+if TYPE_CHECKING:
+    from .sweep import SweepResult
 
 # One trial on 2 CPU cores in a few minutes: SmolLM2-135M, batches of 8, the fast log-likelihood evaluation on a fixed
 # subset, and the loss on the answers only.
@@ -141,6 +140,8 @@ def sweep_config(study: Study, args: argparse.Namespace) -> SweepConfig:
 
 
 def summary_table(result: SweepResult, study: Study, space: dict[str, Any]) -> str:
+    import pandas as pd
+
     trials = result.trials
     if trials.empty:
         return "no trials were recorded"
@@ -154,6 +155,10 @@ def summary_table(result: SweepResult, study: Study, space: dict[str, Any]) -> s
 
 def loss_plot(result: SweepResult, searched: list[str]) -> str:
     """The trials' loss curves, in the sweep's folder when it is local and as an artifact of the sweep's run."""
+    from mlflow import MlflowClient
+
+    from .report import plot_metric
+
     folder = Path(result.path) if "://" not in result.path else Path(tempfile.mkdtemp())
     path = plot_metric(result.trials, result.tracking_uri, searched, folder / "loss.png")
     MlflowClient(result.tracking_uri).log_artifact(result.run_id, str(path))
@@ -162,6 +167,9 @@ def loss_plot(result: SweepResult, searched: list[str]) -> str:
 
 def main(study: Study, description: str, argv: Optional[list[str]] = None) -> int:
     args = parser(study, description).parse_args(argv)
+    from .sweep import run_sweep
+    from .tracking import ui_command
+
     try:
         sweep = sweep_config(study, args)
         result = run_sweep(sweep)

@@ -16,7 +16,7 @@ import itertools
 import json
 import os
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Optional
 
@@ -32,16 +32,13 @@ from ray.tune.search.sample import Domain
 import densemod
 from densemod.denselora.config import check_choice
 
-from .config import TrialConfig
+from .config import SCHEDULERS, SEARCHABLE, SEARCHES, SweepConfig, TrialConfig
+from .inputs import TrialData, load_data, training_rows
 from .trial import (
-    TrialData, check_adapter_fits, check_config, check_placeable, check_positive, ensure_ray, load_data, run_trial,
-    storage_root, training_rows, uses_gpu, workers_that_fit,
+    check_adapter_fits, check_config, check_placeable, check_positive, ensure_ray, run_trial, storage_root, uses_gpu,
+    workers_that_fit,
 )
-from .tracking import SweepTracker, artifact_root, check_tracking_uri, default_tracking_uri, sweep_runs
 
-SEARCHABLE = ("rank", "targets", "data_fraction", "method", "variant", "lr", "alpha", "dropout", "seed")
-SEARCHES = ("grid", "random", "optuna")
-SCHEDULERS = ("fifo", "asha")
 # A trial's driver only starts its worker group and waits: a sliver of memory, no CPU, so that a 2-worker trial
 # still fits a 2-CPU machine (Tune's default of 1 CPU per trial would leave it 1).
 DRIVER_RESOURCES = {"memory": 256 * 2**20}
@@ -49,23 +46,6 @@ RECORD = "densetune_sweep.json"  # in the sweep's folder: its study, tracking st
 # Search values for "method" may also name a DenseLoRA variant: one axis compares the paper's variants with the
 # PEFT baselines.
 METHOD_CHOICES = (*densemod.METHODS, *(v for v in densemod.VARIANTS if v != "denselora"))
-
-
-@dataclass
-class SweepConfig:
-    study: str  # the MLflow experiment: sweeps of one study are compared there
-    space: dict[str, Any]  # a searchable setting -> a list of values (or a ray.tune distribution, random/optuna)
-    trial: TrialConfig = field(default_factory=TrialConfig)  # every other setting; its storage_path holds the sweep
-    search: str = "grid"  # grid: every combination; random: num_samples draws; optuna: Bayesian, num_samples trials
-    num_samples: int = 1  # grid: passes over the grid (with different seeds only if seed is searched)
-    scheduler: str = "fifo"  # asha: stop the worse trials early, at steps grace_period, 2x, 4x, ...
-    metric: str = "accuracy/average"  # what optuna and asha compare; ASHA sees it only where a trial reports it
-    mode: str = "max"
-    grace_period: int = 10
-    max_concurrent: int = 0  # 0: as many trials at once as the cluster's nodes fit (no limit on an autoscaling cluster)
-    name: Optional[str] = None  # the sweep's folder and MLflow name; None: <study>-<time>
-    tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite in the storage path
-    resume: bool = False  # continue the sweep called `name`: unfinished trials resume, finished ones are kept
 
 
 @dataclass
@@ -137,6 +117,8 @@ def check_sweep(sweep: SweepConfig) -> None:
     check_choice("scheduler", sweep.scheduler, SCHEDULERS)
     check_choice("mode", sweep.mode, ("max", "min"))
     check_positive("num_samples", sweep.num_samples)
+    if sweep.trial.num_workers == 0:
+        raise ValueError("num_workers 0 runs a trial in the process that starts it; a sweep's trials need num_workers >= 1")
     check_positive("grace_period", sweep.grace_period)
     if isinstance(sweep.max_concurrent, bool) or not isinstance(sweep.max_concurrent, int) or sweep.max_concurrent < 0:
         raise ValueError(f"max_concurrent must be a non-negative integer (0: as many as fit); got {sweep.max_concurrent!r}")
@@ -201,6 +183,9 @@ def tune_config(sweep: SweepConfig, concurrent: Optional[int]) -> tune.TuneConfi
 
 def run_sweep(sweep: SweepConfig) -> SweepResult:
     """Check everything, run the sweep's trials on Ray Tune, and return the sweep's trials from the tracking store."""
+    # Only the sweep's driver tracks; its trials, which import this module too, need not load MLflow.
+    from .tracking import SweepTracker, artifact_root, check_tracking_uri, default_tracking_uri, sweep_runs
+
     check_sweep(sweep)
     name = sweep.name or f"{sweep.study}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     root = storage_root(sweep.trial.storage_path)
@@ -215,14 +200,14 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
         sweep = dataclasses.replace(sweep, study=record["study"], trial=TrialConfig.from_dict(record["trial"]))
     elif tune.Tuner.can_restore(folder):
         raise ValueError(f"sweep {name!r} already exists at {folder}: pass --resume to continue it, or another --name")
-    check_storage(sweep.trial.storage_path)
-    check_tracking_uri(uri)
     # The data once for every trial (none of its sources is searched), checked at the smallest fraction searched:
-    # every trial must get at least one batch.
+    # every trial must get at least one batch. Before the storage and the store are touched: bad data leaves nothing.
     data = load_data(sweep.trial)
     fractions = sweep.space.get("data_fraction", [sweep.trial.data_fraction])
     smallest = min(fractions) if isinstance(fractions, (list, tuple)) else sweep.trial.data_fraction
     training_rows(dataclasses.replace(sweep.trial, data_fraction=smallest), data)
+    check_storage(sweep.trial.storage_path)
+    check_tracking_uri(uri)
     ensure_ray()
     gpu = uses_gpu(sweep.trial)
     check_placeable(sweep.trial, gpu)

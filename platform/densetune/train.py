@@ -61,16 +61,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     stop = min(total_steps, cfg.stop_after_step or total_steps)
     precision = mixed.resolve(cfg.dtype, device)
 
-    # The same seed on every worker gives every worker the same adapter initialisation.
-    torch.manual_seed(cfg.seed)
-    base = load_model(cfg.model, dtype=mixed.weights_dtype(precision))
-    if cfg.gradient_checkpointing:
-        # Non-reentrant checkpointing recomputes the shared encoder correctly under DDP.
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # PEFT keeps the adapter's weights in float32 over bfloat16 base weights (autocast_adapter_dtype).
-    model = get_peft_model(base, cfg.peft_config(total_steps)).to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
+    model, optimizer, scheduler = build_model(cfg, precision, device, total_steps)
     after_step = densemod.step_hook(model)
 
     position = ckpt.Position(step=0, epoch=0, step_in_epoch=0)
@@ -150,6 +141,22 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         metrics = {"step": position.step, **run_evaluation(*evaluation, position.step)}
         report_to_ray(metrics, model, optimizer, scheduler, position, rank, True, summary)
     return summary
+
+
+def build_model(
+    cfg: TrialConfig, precision: str, device: torch.device, total_steps: int
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
+    """The adapted model on `device`, its AdamW optimizer over the adapter's weights, and the linear schedule."""
+    # The same seed on every worker gives every worker the same adapter initialisation.
+    torch.manual_seed(cfg.seed)
+    base = load_model(cfg.model, dtype=mixed.weights_dtype(precision))
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing recomputes the shared encoder correctly under DDP.
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # PEFT keeps the adapter's weights in float32 over bfloat16 base weights (autocast_adapter_dtype).
+    model = get_peft_model(base, cfg.peft_config(total_steps)).to(device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    return model, optimizer, get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
 
 
 def train_step(

@@ -4,6 +4,9 @@
 
 Everything that can be wrong with the input is checked here, before any worker starts. Rerunning with the same
 --name and --storage-path resumes the run from its last checkpoint.
+
+Libraries that take seconds to import (torch, transformers, PEFT, Ray Train) are imported in the functions that use
+them, so that --help answers at once.
 """
 
 from __future__ import annotations
@@ -14,56 +17,29 @@ import os
 import sys
 import time
 import typing
-import logging
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-import numpy as np
 import ray
-import ray.train
-from peft import get_peft_model
-from ray.train.torch import TorchTrainer
-
-import densemod
-from densemod.denselora.config import check_choice
 
 from .config import DTYPES, EVAL_MODES, TrialConfig, comma_list, field_type
-from .data import (
-    Benchmark, TokenizedRows, check_fraction, fraction_indices, load_benchmark, load_training_rows, sample_rows,
-    tokenize_rows,
-)
-from .evaluate import LABEL_FORMATS, answer_format
-from .models import check_model_name, load_tokenizer, meta_model
-from .train import train_loop
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import ray.train
+
+    from .inputs import TrialData
 
 # Ray Train polls workers for reports every 2 s by default, and each report waits for the poll.
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
 
 
 @dataclass
-class TrialData:
-    """Every training row tokenized, and every evaluation benchmark's test rows, loaded once on the driver.
-
-    Trials that agree on `source` can share one: a sweep loads it once for all its trials and puts `train` into Ray's
-    object store, where every worker of every trial reads it. A trial picks its own rows from it (data_fraction, seed,
-    eval_limit).
-    """
-
-    source: tuple  # what it was made from: data_source(config)
-    train: Union[TokenizedRows, ray.ObjectRef]  # all training rows, in load_training_rows' order
-    trainable: np.ndarray  # per training row: whether a target token is left within cutoff_len
-    eval_sets: list[tuple[str, list[dict]]]  # (benchmark, all its test rows)
-
-
-@dataclass
 class TrialResult:
     config: TrialConfig
     summary: dict[str, Any]  # what rank 0's training loop returned: counts, history, evaluations, predictions
-    path: str  # the run's folder on the storage path
+    path: Optional[str]  # the run's folder on the storage path; None in local mode (num_workers 0), which keeps none
     checkpoint: Optional[str]  # the last checkpoint: adapter, optimizer, position, predictions.json
     wall_time_s: float
 
@@ -74,6 +50,8 @@ class TrialResult:
 
 def prepare(config: TrialConfig) -> TrialData:
     """Check the configuration and load the data; every error here is one line naming the bad value."""
+    from .inputs import load_data, training_rows
+
     check_config(config)
     check_adapter_fits(config)
     data = load_data(config)
@@ -81,43 +59,20 @@ def prepare(config: TrialConfig) -> TrialData:
     return data
 
 
-def data_source(config: TrialConfig) -> tuple:
-    """The settings that decide a trial's TrialData."""
-    return config.model, tuple(config.datasets), tuple(eval_sources(config)), config.cutoff_len, config.train_on_inputs
-
-
-def load_data(config: TrialConfig) -> TrialData:
-    """Read and tokenize every training row, and read the evaluation benchmarks, checking that the eval mode can
-    score their answers."""
-    rows = tokenize_rows(
-        load_training_rows(config.datasets), load_tokenizer(config.model), config.cutoff_len, config.train_on_inputs
-    )
-    eval_sets = [eval_benchmark(source, config.eval_mode) for source in eval_sources(config)]
-    return TrialData(data_source(config), rows, rows.trainable(), eval_sets)
-
-
-def training_rows(config: TrialConfig, data: TrialData) -> np.ndarray:
-    """The rows this trial trains on: its data_fraction of them, chosen with its seed, less those with no target
-    token within the cutoff."""
-    chosen = np.asarray(fraction_indices(len(data.trainable), config.data_fraction, config.seed), dtype=np.int64)
-    kept = chosen[data.trainable[chosen]]
-    if len(kept) < len(chosen):
-        logger.warning(
-            "%d of %d training rows have no target token within cutoff_len %d and are skipped",
-            len(chosen) - len(kept), len(chosen), config.cutoff_len,
-        )
-    if len(kept) < config.batch_size:
-        raise ValueError(f"{len(kept)} trainable training rows make no batch of batch_size {config.batch_size}")
-    return kept
-
-
 def check_config(config: TrialConfig) -> None:
     """Every check that needs no data and no Ray: cheap enough to run on each point of a sweep's grid."""
+    from densemod.denselora.config import check_choice
+
+    from .data import check_fraction
+    from .models import check_model_name
+
     check_model_name(config.model)
     config.peft_config(total_steps=2)
     check_choice("eval_mode", config.eval_mode, EVAL_MODES)
     check_choice("dtype", config.dtype, DTYPES)
-    for name in ("num_workers", "batch_size", "micro_batch_size", "epochs", "report_every", "cutoff_len"):
+    if isinstance(config.num_workers, bool) or not isinstance(config.num_workers, int) or config.num_workers < 0:
+        raise ValueError(f"num_workers must be a non-negative integer (0: in this process); got {config.num_workers!r}")
+    for name in ("batch_size", "micro_batch_size", "epochs", "report_every", "cutoff_len"):
         check_positive(name, getattr(config, name))
     for name in ("max_steps", "stop_after_step", "checkpoint_every", "eval_every", "eval_limit"):
         if getattr(config, name) is not None:
@@ -127,7 +82,7 @@ def check_config(config: TrialConfig) -> None:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ValueError(f"{name} must be a positive number (fractions allowed); got {value!r}")
-    per_step = config.micro_batch_size * config.num_workers
+    per_step = config.micro_batch_size * max(1, config.num_workers)
     if config.batch_size % per_step:
         raise ValueError(
             f"batch_size {config.batch_size} must be a multiple of micro_batch_size x num_workers = {per_step}"
@@ -137,32 +92,13 @@ def check_config(config: TrialConfig) -> None:
 def check_adapter_fits(config: TrialConfig) -> None:
     """Apply the adapter to the model's architecture on the meta device: a target that names no module of this model
     fails here, in one line, instead of on every worker."""
+    from peft import get_peft_model
+
+    from .models import meta_model
+
     model = meta_model(config.model)
     if model is not None:
         get_peft_model(model, config.peft_config(total_steps=2), low_cpu_mem_usage=True)
-
-
-def eval_sources(config: TrialConfig) -> list[str]:
-    return config.datasets if config.eval_datasets is None else config.eval_datasets
-
-
-def eval_benchmark(source: str, eval_mode: str) -> tuple[str, list[dict]]:
-    benchmark: Benchmark = load_benchmark(source, "test")
-    fmt = answer_format(benchmark.name, [row["answer"] for row in benchmark.rows])
-    if eval_mode == "loglik" and fmt not in LABEL_FORMATS:
-        raise ValueError(
-            f"eval_mode 'loglik' scores fixed candidates, but {benchmark.name!r} has {fmt!r} answers: "
-            "use eval_mode 'generate'"
-        )
-    return benchmark.name, benchmark.rows
-
-
-def eval_set(config: TrialConfig, name: str, rows: list[dict]) -> tuple[str, list[dict]]:
-    """The questions a trial evaluates on: all, or a fixed subset of eval_limit, the same for every trial with the
-    same seed."""
-    if config.eval_limit and config.eval_limit < len(rows):
-        rows = sample_rows(rows, config.eval_limit, config.seed)
-    return name, rows
 
 
 def check_positive(name: str, value: Any) -> None:
@@ -181,6 +117,7 @@ def ensure_ray() -> None:
     os.environ.update({k: os.environ.get(k, v) for k, v in RAY_ENV.items()})
     runtime_env: dict[str, Any] = {"env_vars": {k: os.environ[k] for k in RAY_ENV}}
     if os.environ.get("RAY_ADDRESS"):
+        import densemod
         import densetune
 
         runtime_env["py_modules"] = [str(Path(package.__file__).parent) for package in (densemod, densetune)]
@@ -212,9 +149,9 @@ def check_placeable(config: TrialConfig, gpu: bool) -> None:
     """A worker group that no node can host, or that is larger than the cluster, would wait forever: refuse it.
 
     Skipped for a cluster reached through RAY_ADDRESS (ray job submit sets it): an autoscaling cluster grows to
-    fit, and only its autoscaler knows how far.
+    fit, and only its autoscaler knows how far. Local mode (num_workers 0) places no workers.
     """
-    if os.environ.get("RAY_ADDRESS"):
+    if os.environ.get("RAY_ADDRESS") or config.num_workers == 0:
         return
     per_worker = worker_resources(config, gpu)
     if workers_that_fit(config, gpu) == 0:
@@ -239,6 +176,12 @@ def run_trial(
     `callbacks` go to Ray Train's RunConfig: a sweep passes Tune's report callback there. `data`: the sweep's data,
     loaded once for all its trials (checked against this config); None to load it here.
     """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from .inputs import data_source, eval_set, training_rows
+    from .train import train_loop
+
     started, started_at = time.perf_counter(), time.time()
     if data is None:
         data = prepare(config)
@@ -271,7 +214,8 @@ def run_trial(
         ),
     )
     result = trainer.fit()
-    checkpoint = result.checkpoint.path if result.checkpoint else None
+    # Local mode hands back a checkpoint in a temporary folder that is already gone.
+    checkpoint = result.checkpoint.path if result.checkpoint and result.path else None
     return TrialResult(config, result.return_value, result.path, checkpoint, time.perf_counter() - started)
 
 
@@ -282,7 +226,7 @@ def default_name(config: TrialConfig) -> str:
 
 def print_summary(result: TrialResult) -> None:
     summary, history = result.summary, result.summary["history"]
-    print(f"\ntrial: {result.path}")
+    print(f"\ntrial: {result.path or 'run in this process (local mode): no checkpoints kept'}")
     print(
         f"trainable params: {summary['trainable_params']:,d} of {summary['total_params']:,d} "
         f"({summary['trainable_pct']:.4f}%)"
@@ -292,7 +236,8 @@ def print_summary(result: TrialResult) -> None:
         print(f"loss: {history[0]['loss']:.4f} (step {history[0]['step']}) -> {history[-1]['loss']:.4f} (step {history[-1]['step']})")
     for name, value in result.accuracies.items():
         print(f"{name}: {value:.4f}")
-    print(f"checkpoint (adapter, predictions.json): {result.checkpoint}")
+    if result.checkpoint:
+        print(f"checkpoint (adapter, predictions.json): {result.checkpoint}")
     if "startup_s" in summary:
         print(f"first optimizer step after: {summary['startup_s']:.1f} s")
     print(f"wall time: {result.wall_time_s:.1f} s")

@@ -1,0 +1,201 @@
+"""Throughput of a trial, measured side by side in one run on this machine: the training step in float32 and in
+bfloat16 autocast, the padding that length grouping removes, a trial through Ray against the same loop run in this
+process, the start-up of a trial against Ray Train's own, and how fast the command lines answer --help.
+
+    python bench/throughput.py                 # ~10 min on 2 CPU cores; docs/PERFORMANCE.md holds its output
+    python bench/throughput.py --steps 20      # shorter trials for the Ray-against-direct comparison
+
+It prints Markdown tables. Step times are medians of interleaved steps, so a machine that slows down during the run
+slows both sides alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+
+from densetune import precision as mixed
+from densetune.batching import epoch_batches, token_counts
+from densetune.config import TrialConfig
+from densetune.data import collate, load_training_rows, tokenize_rows
+from densetune.experiment import LOCAL
+from densetune.models import load_tokenizer
+from densetune.train import build_model, train_step
+from densetune.trial import RAY_ENV, run_trial
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data" / "llm-adapters"
+# The default study's trial (experiments/rank_sweep.py with no flags), at the rank the paper's tables centre on.
+DEFAULT = TrialConfig(**LOCAL, rank=32)
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    flags = set(open("/proc/cpuinfo").read().split()) if Path("/proc/cpuinfo").exists() else set()
+    native = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    return (
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs ({torch.get_num_threads()} torch threads), "
+        f"bf16 instructions: {', '.join(native) or 'none'}, GPU: {gpu}"
+    )
+
+
+def default_rows(config: TrialConfig, datasets: list[str]):
+    return tokenize_rows(
+        load_training_rows(datasets), load_tokenizer(config.model), config.cutoff_len, config.train_on_inputs
+    )
+
+
+def step_times(steps: int) -> str:
+    """The trainer's own step (collate, forward, backward, clip, AdamW) in float32 and bfloat16 autocast, interleaved."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = default_rows(DEFAULT, DEFAULT.datasets)
+    tokenizer = load_tokenizer(DEFAULT.model)
+    batches = epoch_batches(rows.lengths, DEFAULT.batch_size, DEFAULT.micro_batch_size, 0, DEFAULT.seed, 0, 1)
+    results = []
+    for method in ("denselora", "lora"):
+        config = dataclasses.replace(DEFAULT, method=method)
+        models = {p: build_model(config, p, device, total_steps=100)[:2] for p in ("float32", "bfloat16")}
+        times: dict[str, list[float]] = {p: [] for p in models}
+        for step in range(steps + 1):  # the first step of each warms up and is not counted
+            for precision, (model, optimizer) in models.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                started = time.perf_counter()
+                inputs = [collate(rows, batch, tokenizer.pad_token_id) for batch in batches[step]]
+                train_step(model, inputs, token_counts(rows.lengths, batches[step]), 1, device, precision, config, optimizer)
+                optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if step:
+                    times[precision].append(time.perf_counter() - started)
+        fp32, bf16 = (statistics.median(times[p]) for p in ("float32", "bfloat16"))
+        results.append([method, f"{fp32:.3f}", f"{bf16:.3f}", f"{fp32 / bf16:.2f}x"])
+        del models
+    title = (
+        f"Training step on {device}: {DEFAULT.model}, r={DEFAULT.rank} on {DEFAULT.targets}, batches of "
+        f"{DEFAULT.batch_size} ({DEFAULT.micro_batch_size} per micro-batch) of the default study's data, medians of "
+        f"{steps} interleaved steps"
+    )
+    return title + "\n\n" + table(["method", "float32 s/step", "bf16 autocast s/step", "speed-up"], results)
+
+
+def padding() -> str:
+    """The share of token slots that are padding over one epoch, shuffled as before and grouped by length."""
+    sources = {"built-in task (default study)": ["synthetic"]}
+    if SHARED.is_dir():
+        sources["ARC-Easy + BoolQ"] = [str(SHARED / "ARC-Easy"), str(SHARED / "boolq")]
+    results = []
+    for name, datasets in sources.items():
+        rows = default_rows(DEFAULT, datasets)
+        cells = []
+        for grouped in (False, True):
+            steps = epoch_batches(rows.lengths, DEFAULT.batch_size, DEFAULT.micro_batch_size, 0, DEFAULT.seed, 0, 1, grouped)
+            tokens, slots = np.sum([token_counts(rows.lengths, step) for step in steps], axis=0)
+            cells.append(f"{100 * (1 - tokens / slots):.1f} %")
+        results.append([name, len(rows), f"{int(np.median(rows.lengths))} / {int(rows.lengths.max())}", *cells])
+    title = f"Padding over one epoch ({DEFAULT.model} tokens, cutoff {DEFAULT.cutoff_len}, micro-batches of {DEFAULT.micro_batch_size})"
+    return title + "\n\n" + table(["data", "rows", "median / max tokens", "shuffled", "grouped by length"], results)
+
+
+def through_ray(steps: int, storage: str) -> str:
+    """The default study's trial through Ray Train (one worker) and in this process (Ray Train's local mode)."""
+    config = dataclasses.replace(DEFAULT, max_steps=steps, eval_limit=20, storage_path=storage)
+    results, walls = [], {}
+    for label, workers in (("Ray Train, 1 worker", 1), ("this process (local mode)", 0)):
+        result = run_trial(dataclasses.replace(config, num_workers=workers, name=f"bench-{workers}-{time.time():.0f}"))
+        step_s = statistics.median(h["step_time_s"] for h in result.summary["history"])
+        walls[workers] = result.wall_time_s
+        results.append([label, f"{result.wall_time_s:.1f}", f"{step_s:.3f}", f"{result.summary['startup_s']:.1f}"])
+    title = (
+        f"A {steps}-step trial of the default study ({DEFAULT.model}, {DEFAULT.method} r={DEFAULT.rank}, "
+        f"{result.summary['precision']}, evaluation on 20 questions): through Ray / in this process = "
+        f"{walls[1] / walls[0]:.3f}x"
+    )
+    return title + "\n\n" + table(["run", "wall s", "median s/step", "run_trial to first step, s"], results)
+
+
+def noop(config: dict) -> float:
+    return time.time() - config["started_at"]
+
+
+def startup(repeats: int, storage: str) -> str:
+    """From run_trial to the first optimizer step for the tiny model, against Ray Train's floor: the same distance for
+    a training function that does nothing."""
+    floor = []
+    for i in range(repeats):
+        trainer = TorchTrainer(
+            noop, train_loop_config={"started_at": time.time()},
+            scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+            run_config=ray.train.RunConfig(name=f"floor-{i}-{time.time():.0f}", storage_path=storage),
+        )
+        floor.append(trainer.fit().return_value)
+    tiny = TrialConfig(
+        model="tiny-llama", max_steps=1, batch_size=4, micro_batch_size=2, cutoff_len=512, eval_mode="loglik",
+        eval_limit=4, storage_path=storage,
+    )
+    ours = [run_trial(dataclasses.replace(tiny, name=f"tiny-{i}-{time.time():.0f}")).summary["startup_s"] for i in range(repeats)]
+    rows = [
+        ["Ray Train's floor: fit() to a no-op training function", *(f"{t:.1f}" for t in floor), f"{statistics.median(floor):.1f}"],
+        ["run_trial to the first optimizer step, tiny-llama", *(f"{t:.1f}" for t in ours), f"{statistics.median(ours):.1f}"],
+    ]
+    title = f"Start-up in a running Ray (seconds, {repeats} runs each, one after the other)"
+    return title + "\n\n" + table(["", *(f"run {i + 1}" for i in range(repeats)), "median"], rows)
+
+
+def help_times(repeats: int) -> str:
+    commands = [[sys.executable, str(p), "--help"] for p in sorted((ROOT / "experiments").glob("*_*.py"))]
+    commands.append([sys.executable, "-m", "densetune.trial", "--help"])
+    rows = []
+    for command in commands:
+        best = min(timed(command) for _ in range(repeats))
+        rows.append([" ".join(Path(part).name if i == 1 else part for i, part in enumerate(command[1:], 1)), f"{best:.2f}"])
+    return f"--help, best of {repeats} (seconds)\n\n" + table(["command", "s"], rows)
+
+
+def timed(command: list[str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps of the Ray-against-direct trials")
+    parser.add_argument("--step-samples", type=int, default=6, help="interleaved steps per precision")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--storage-path", default="/tmp/densetune-bench")
+    args = parser.parse_args()
+
+    print(f"# bench/throughput.py, {time.strftime('%Y-%m-%d')}\n\n{machine()}\n", flush=True)
+    print(help_times(args.repeats) + "\n", flush=True)
+    print(padding() + "\n", flush=True)
+    print(step_times(args.step_samples) + "\n", flush=True)
+    os.environ.update(RAY_ENV)
+    started = time.perf_counter()
+    ray.init(address="local", runtime_env={"env_vars": RAY_ENV}, log_to_driver=False)
+    print(f"ray.init: {time.perf_counter() - started:.1f} s\n", flush=True)
+    print(startup(args.repeats, args.storage_path) + "\n", flush=True)
+    print(through_ray(args.steps, args.storage_path), flush=True)
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
