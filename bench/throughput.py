@@ -26,7 +26,6 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from densetune import precision as mixed
 from densetune.batching import epoch_batches, token_counts
 from densetune.config import TrialConfig
 from densetune.data import collate, load_training_rows, tokenize_rows

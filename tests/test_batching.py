@@ -3,7 +3,6 @@ any number of workers."""
 
 import numpy as np
 import pytest
-import torch
 from torch.utils.data import DistributedSampler
 
 from densetune.batching import epoch_batches, epoch_order, token_counts

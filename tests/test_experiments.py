@@ -44,7 +44,9 @@ print("imported:", *sorted(m for m in HEAVY if m in sys.modules))
 """.replace("HEAVY", repr(HEAVY))
 
 
-@pytest.mark.parametrize("target", [*map(str, STUDIES), "densetune.trial"], ids=lambda t: Path(t).stem)
+@pytest.mark.parametrize(
+    "target", [*map(str, sorted((ROOT / "experiments").glob("*.py"))), "densetune.trial"], ids=lambda t: Path(t).stem
+)
 def test_help_answers_without_importing_the_heavy_libraries(target):
     # --help must answer at once (bench/throughput.py times it): torch, PEFT, MLflow and Ray Tune take seconds each.
     done = subprocess.run([sys.executable, "-c", HELP, target], capture_output=True, text=True, cwd=ROOT, timeout=60)
