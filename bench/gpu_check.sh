@@ -15,7 +15,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no GPU visible to torch'; print('torch', torch.__version__, torch.cuda.get_device_name())"
 
 # ~2 minutes on an H100-class GPU: more interleaved steps than on a CPU, since each is short.
-timeout 170 "$PYTHON" bench/throughput.py --steps 100 --step-samples 20 --repeats 2 --storage-path "$STORAGE/bench"
+timeout 170 "$PYTHON" bench/throughput.py --steps 100 --pairs 1 --step-samples 20 --repeats 2 --storage-path "$STORAGE/bench"
 
 # The trial: 2 minutes of training at most, the paper's batch of 16 in one micro-batch, bf16 (dtype auto).
 timeout 130 "$PYTHON" -m densetune.trial --model smollm2-135m --method denselora --rank 32 --datasets synthetic \

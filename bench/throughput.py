@@ -2,8 +2,8 @@
 bfloat16 autocast, the padding that length grouping removes, a trial through Ray against the same loop run in this
 process, the start-up of a trial against Ray Train's own, and how fast the command lines answer --help.
 
-    python bench/throughput.py                 # ~10 min on 2 CPU cores; docs/PERFORMANCE.md holds its output
-    python bench/throughput.py --steps 20      # shorter trials for the Ray-against-direct comparison
+    python bench/throughput.py                 # ~17 min on 2 CPU cores; docs/PERFORMANCE.md holds its output
+    python bench/throughput.py --steps 20 --pairs 1   # shorter: fewer, shorter trials through Ray and in-process
 
 It prints Markdown tables. Step times are medians of interleaved steps, so a machine that slows down during the run
 slows both sides alike.
@@ -114,21 +114,25 @@ def padding() -> str:
     return title + "\n\n" + table(["data", "rows", "median / max tokens", "shuffled", "grouped by length"], results)
 
 
-def through_ray(steps: int, storage: str) -> str:
-    """The default study's trial through Ray Train (one worker) and in this process (Ray Train's local mode)."""
+def through_ray(steps: int, pairs: int, storage: str) -> str:
+    """The default study's trial through Ray Train (one worker) and in this process (Ray Train's local mode), in the
+    order Ray, here, here, Ray, ...: a machine that drifts slower or faster during the runs weighs on both alike."""
     config = dataclasses.replace(DEFAULT, max_steps=steps, eval_limit=20, storage_path=storage)
-    results, walls = [], {}
-    for label, workers in (("Ray Train, 1 worker", 1), ("this process (local mode)", 0)):
-        result = run_trial(dataclasses.replace(config, num_workers=workers, name=f"bench-{workers}-{time.time():.0f}"))
-        step_s = statistics.median(h["step_time_s"] for h in result.summary["history"])
-        walls[workers] = result.wall_time_s
-        results.append([label, f"{result.wall_time_s:.1f}", f"{step_s:.3f}", f"{result.summary['startup_s']:.1f}"])
+    runs: dict[int, list] = {1: [], 0: []}
+    for workers in [w for pair in range(pairs) for w in ((1, 0) if pair % 2 == 0 else (0, 1))]:
+        runs[workers].append(run_trial(dataclasses.replace(config, num_workers=workers, name=f"bench-{workers}-{time.time():.0f}")))
+    rows = []
+    for workers, label in ((1, "Ray Train, 1 worker"), (0, "this process (local mode)")):
+        for result in runs[workers]:
+            step_s = statistics.median(h["step_time_s"] for h in result.summary["history"])
+            rows.append([label, f"{result.wall_time_s:.1f}", f"{step_s:.3f}", f"{result.summary['startup_s']:.1f}"])
+    ray_s, here_s = (sum(r.wall_time_s for r in runs[w]) for w in (1, 0))
     title = (
         f"A {steps}-step trial of the default study ({DEFAULT.model}, {DEFAULT.method} r={DEFAULT.rank}, "
-        f"{result.summary['precision']}, evaluation on 20 questions): through Ray / in this process = "
-        f"{walls[1] / walls[0]:.3f}x"
+        f"{runs[0][0].summary['precision']}, evaluation on 20 questions), {pairs} of each: through Ray / in this "
+        f"process = {ray_s / here_s:.3f}x in wall time"
     )
-    return title + "\n\n" + table(["run", "wall s", "median s/step", "run_trial to first step, s"], results)
+    return title + "\n\n" + table(["run", "wall s", "median s/step", "run_trial to first step, s"], rows)
 
 
 def noop(config: dict) -> float:
@@ -179,6 +183,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps of the Ray-against-direct trials")
     parser.add_argument("--step-samples", type=int, default=6, help="interleaved steps per precision")
+    parser.add_argument("--pairs", type=int, default=2, help="trials through Ray and in this process, each")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--storage-path", default="/tmp/densetune-bench")
     args = parser.parse_args()
@@ -192,7 +197,7 @@ def main() -> None:
     ray.init(address="local", runtime_env={"env_vars": RAY_ENV}, log_to_driver=False)
     print(f"ray.init: {time.perf_counter() - started:.1f} s\n", flush=True)
     print(startup(args.repeats, args.storage_path) + "\n", flush=True)
-    print(through_ray(args.steps, args.storage_path), flush=True)
+    print(through_ray(args.steps, args.pairs, args.storage_path), flush=True)
     ray.shutdown()
 
 
