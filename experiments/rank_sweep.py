@@ -1,6 +1,6 @@
 """Rank study (the paper's rank ablation): DenseLoRA's accuracy and trainable parameters as the rank r grows.
 
-    python experiments/rank_sweep.py                       # SmolLM2-135M, built-in task, 2 CPU cores: ~25 min
+    python experiments/rank_sweep.py                       # SmolLM2-135M, built-in task, 2 CPU cores: ~10 min
     python experiments/rank_sweep.py --smoke               # the same on the tiny random model, ~1 min
     ray job submit --working-dir . -- python experiments/rank_sweep.py --gpus-per-worker 0.25 --max-steps 500
 
