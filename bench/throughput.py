@@ -28,8 +28,9 @@ from ray.train.torch import TorchTrainer
 
 from densetune.batching import epoch_batches, token_counts
 from densetune.config import TrialConfig
-from densetune.data import collate, load_training_rows, tokenize_rows
+from densetune.data import TokenizedRows, collate
 from densetune.experiment import LOCAL
+from densetune.inputs import load_data
 from densetune.models import load_tokenizer
 from densetune.train import build_model, train_step
 from densetune.trial import RAY_ENV, run_trial
@@ -56,16 +57,15 @@ def machine() -> str:
     )
 
 
-def default_rows(config: TrialConfig, datasets: list[str]):
-    return tokenize_rows(
-        load_training_rows(datasets), load_tokenizer(config.model), config.cutoff_len, config.train_on_inputs
-    )
+def default_rows(datasets: list[str]) -> TokenizedRows:
+    """Every training row of `datasets`, tokenized as the default study's trials tokenize them."""
+    return load_data(dataclasses.replace(DEFAULT, datasets=datasets)).train
 
 
 def step_times(steps: int) -> str:
     """The trainer's own step (collate, forward, backward, clip, AdamW) in float32 and bfloat16 autocast, interleaved."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = default_rows(DEFAULT, DEFAULT.datasets)
+    rows = default_rows(DEFAULT.datasets)
     tokenizer = load_tokenizer(DEFAULT.model)
     batches = epoch_batches(rows.lengths, DEFAULT.batch_size, DEFAULT.micro_batch_size, 0, DEFAULT.seed, 0, 1)
     results = []
@@ -103,7 +103,7 @@ def padding() -> str:
         sources["ARC-Easy + BoolQ"] = [str(SHARED / "ARC-Easy"), str(SHARED / "boolq")]
     results = []
     for name, datasets in sources.items():
-        rows = default_rows(DEFAULT, datasets)
+        rows = default_rows(datasets)
         cells = []
         for grouped in (False, True):
             steps = epoch_batches(rows.lengths, DEFAULT.batch_size, DEFAULT.micro_batch_size, 0, DEFAULT.seed, 0, 1, grouped)

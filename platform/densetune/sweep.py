@@ -35,8 +35,8 @@ from densemod.denselora.config import check_choice
 from .config import SCHEDULERS, SEARCHABLE, SEARCHES, SweepConfig, TrialConfig
 from .inputs import TrialData, load_data, training_rows
 from .trial import (
-    check_adapter_fits, check_config, check_placeable, check_positive, ensure_ray, run_trial, storage_root, uses_gpu,
-    workers_that_fit,
+    check_adapter_fits, check_config, check_non_negative, check_placeable, check_positive, ensure_ray, run_trial,
+    storage_root, uses_gpu, workers_that_fit,
 )
 
 # A trial's driver only starts its worker group and waits: a sliver of memory, no CPU, so that a 2-worker trial
@@ -120,8 +120,7 @@ def check_sweep(sweep: SweepConfig) -> None:
     if sweep.trial.num_workers == 0:
         raise ValueError("num_workers 0 runs a trial in the process that starts it; a sweep's trials need num_workers >= 1")
     check_positive("grace_period", sweep.grace_period)
-    if isinstance(sweep.max_concurrent, bool) or not isinstance(sweep.max_concurrent, int) or sweep.max_concurrent < 0:
-        raise ValueError(f"max_concurrent must be a non-negative integer (0: as many as fit); got {sweep.max_concurrent!r}")
+    check_non_negative("max_concurrent", sweep.max_concurrent, "as many as fit")
     check_space(sweep)
 
 

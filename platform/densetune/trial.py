@@ -27,6 +27,7 @@ import ray
 from .config import DTYPES, EVAL_MODES, TrialConfig, comma_list, field_type
 
 if TYPE_CHECKING:
+    import numpy as np
     import ray.train
 
     from .inputs import TrialData
@@ -48,15 +49,18 @@ class TrialResult:
         return {k: v for k, v in self.summary["evaluations"][-1].items() if k != "step"} if self.summary["evaluations"] else {}
 
 
-def prepare(config: TrialConfig) -> TrialData:
-    """Check the configuration and load the data; every error here is one line naming the bad value."""
-    from .inputs import load_data, training_rows
+def prepare(config: TrialConfig, data: Optional[TrialData] = None) -> tuple[TrialData, np.ndarray]:
+    """Check the configuration, load the data unless a sweep already did (`data`, checked against this config), and
+    pick the rows this trial trains on; every error here is one line naming the bad value."""
+    from .inputs import data_source, load_data, training_rows
 
     check_config(config)
-    check_adapter_fits(config)
-    data = load_data(config)
-    training_rows(config, data)
-    return data
+    if data is None:
+        check_adapter_fits(config)  # a sweep checked each adapter against the model once for all its trials
+        data = load_data(config)
+    elif data.source != data_source(config):
+        raise ValueError(f"the data given was loaded for {data.source}, not for this trial's {data_source(config)}")
+    return data, training_rows(config, data)
 
 
 def check_config(config: TrialConfig) -> None:
@@ -70,8 +74,7 @@ def check_config(config: TrialConfig) -> None:
     config.peft_config(total_steps=2)
     check_choice("eval_mode", config.eval_mode, EVAL_MODES)
     check_choice("dtype", config.dtype, DTYPES)
-    if isinstance(config.num_workers, bool) or not isinstance(config.num_workers, int) or config.num_workers < 0:
-        raise ValueError(f"num_workers must be a non-negative integer (0: in this process); got {config.num_workers!r}")
+    check_non_negative("num_workers", config.num_workers, "in this process")
     for name in ("batch_size", "micro_batch_size", "epochs", "report_every", "cutoff_len"):
         check_positive(name, getattr(config, name))
     for name in ("max_steps", "stop_after_step", "checkpoint_every", "eval_every", "eval_limit"):
@@ -104,6 +107,11 @@ def check_adapter_fits(config: TrialConfig) -> None:
 def check_positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer; got {value!r}")
+
+
+def check_non_negative(name: str, value: Any, zero_means: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer (0: {zero_means}); got {value!r}")
 
 
 def ensure_ray() -> None:
@@ -179,17 +187,11 @@ def run_trial(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from .inputs import data_source, eval_set, training_rows
+    from .inputs import eval_set
     from .train import train_loop
 
     started, started_at = time.perf_counter(), time.time()
-    if data is None:
-        data = prepare(config)
-    else:
-        check_config(config)
-        if data.source != data_source(config):
-            raise ValueError(f"the data given was loaded for {data.source}, not for this trial's {data_source(config)}")
-    examples = training_rows(config, data)
+    data, examples = prepare(config, data)
     ensure_ray()
     gpu = uses_gpu(config)
     check_placeable(config, gpu)
