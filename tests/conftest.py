@@ -33,6 +33,22 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The tiny model's byte-level tokenizer: one token per UTF-8 byte, no BOS."""
+    from densetune.models import byte_tokenizer
+
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def llama() -> LlamaForCausalLM:
+    """densetune's built-in tiny-llama, random weights, in eval mode."""
+    from densetune.models import tiny_llama
+
+    return tiny_llama().eval()
+
+
 @pytest.fixture
 def tiny_llama() -> LlamaForCausalLM:
     return make_tiny_llama()

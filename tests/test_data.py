@@ -8,17 +8,25 @@ import numpy as np
 import pytest
 import torch
 
-from densetune.data import (
-    REQUIRED_FIELDS, collate, load_benchmark, load_training_rows, subsample, synthetic_task, tokenize_rows,
-)
+from densetune.data import REQUIRED_FIELDS, collate, data_dirs, load_benchmark, subsample, synthetic_task, tokenize_pairs
+from densetune.inputs import training_pairs
 from densetune.models import byte_tokenizer
 from densetune.prompts import prompt
+from densetune.protocols import training_pair
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "llm-adapters"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"LLM-Adapters data not found at {DATA}")
-ALLOWED = "a data set is a .json file, a folder holding {split}.json, a Hub id owner/name, or 'synthetic'"
+ALLOWED = (
+    "a data set is a .json file, a folder holding {split}.json, the name of such a folder in the data folders, a Hub "
+    "id owner/name, or 'synthetic'"
+)
 ROW = {"instruction": "Add 2 and 3.", "input": "", "output": "The answer is 5.", "answer": "5"}
 EOS = 2  # byte_tokenizer's "</s>"
+
+
+def not_found(source, split: str) -> str:
+    folders = ", ".join(str(folder) for folder in data_dirs()) or "none found"
+    return f"{source}: no such file or folder ({ALLOWED.format(split=split)}; data folders: {folders})"
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:
@@ -73,37 +81,45 @@ def test_names_come_from_the_folder_for_train_and_test_files_and_from_the_stem_o
 
 
 @needs_data
-def test_two_real_benchmarks_mix_in_the_given_order():
-    arc = load_benchmark(str(DATA / "ARC-Easy")).rows
-    boolq = load_benchmark(str(DATA / "boolq")).rows
-    mixed = load_training_rows([str(DATA / "ARC-Easy"), str(DATA / "boolq")])
-    assert len(mixed) == 2251 + 9427
-    assert mixed == arc + boolq
+def test_training_pairs_are_the_train_split_in_order_as_the_protocol_words_them():
+    rows = load_benchmark(str(DATA / "ARC-Challenge" / "train.json")).rows
+    assert training_pairs(str(DATA / "ARC-Challenge"), "label") == [label_pair(row) for row in rows]
+    text = training_pairs(str(DATA / "ARC-Challenge"), "text")
+    assert text == [training_pair(row, "answer", "text") for row in rows]
+    assert text[0] == (
+        "Question: George wants to warm his hands quickly by rubbing them. Which skin surface will produce the most "
+        "heat?\nAnswer:", " dry palms",
+    )
 
 
 @needs_data
-def test_training_rows_always_come_from_the_train_split():
-    rows = load_training_rows([str(DATA / "ARC-Challenge")])
-    assert rows == load_benchmark(str(DATA / "ARC-Challenge" / "train.json")).rows
+def test_a_bare_benchmark_name_is_found_in_the_data_folders(monkeypatch, tmp_path):
+    assert load_benchmark("ARC-Easy", "test") == load_benchmark(str(DATA / "ARC-Easy"), "test")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "train.json").write_text(json.dumps([ROW]))
+    monkeypatch.setenv("DENSETUNE_DATA", str(tmp_path))
+    assert data_dirs() == [tmp_path, DATA] and load_benchmark("mine").rows == [ROW]
 
 
-def test_training_needs_a_source():
+def test_a_text_protocol_row_without_options_names_the_row(tmp_path):
+    choice = {**ROW, "instruction": "Pick one: Answer1: a Answer2: b Answer3: c Answer4: d", "answer": "answer1"}
+    (tmp_path / "train.json").write_text(json.dumps([choice, {**choice, "instruction": "Pick one."}]))
     with pytest.raises(ValueError) as error:
-        load_training_rows([])
-    assert str(error.value) == "no training data set given: name at least one source"
+        training_pairs(str(tmp_path / "train.json"), "text")
+    assert str(error.value) == f"{tmp_path.name} train row 1: cannot read the options answer1/answer2/answer3/answer4/answer5 from the instruction 'Pick one.'"
 
 
 def test_a_missing_path_names_the_path_and_what_is_allowed(tmp_path):
     missing = tmp_path / "nowhere" / "train.json"
     with pytest.raises(ValueError) as error:
         load_benchmark(str(missing))
-    assert str(error.value) == f"{missing}: no such file or folder ({ALLOWED.format(split='train')})"
+    assert str(error.value) == not_found(missing, "train")
 
 
 def test_a_word_that_is_no_path_and_no_hub_id_is_refused():
     with pytest.raises(ValueError) as error:
         load_benchmark("no-such-benchmark", "test")
-    assert str(error.value) == f"no-such-benchmark: no such file or folder ({ALLOWED.format(split='test')})"
+    assert str(error.value) == not_found("no-such-benchmark", "test")
 
 
 @needs_data
@@ -174,7 +190,7 @@ def test_a_file_without_rows_is_refused_naming_the_file(tmp_path, text):
 @needs_data
 def test_a_data_fraction_keeps_that_share_of_the_rows_in_their_order():
     arc = load_benchmark(str(DATA / "ARC-Easy")).rows
-    rows = load_training_rows([str(DATA / "ARC-Easy")], data_fraction=0.1, seed=0)
+    rows = subsample(arc, 0.1, seed=0)
     assert len(rows) == 225
     positions = [arc.index(row) for row in rows]
     assert positions == sorted(positions)
@@ -182,9 +198,9 @@ def test_a_data_fraction_keeps_that_share_of_the_rows_in_their_order():
 
 @needs_data
 def test_the_same_seed_gives_the_same_rows_and_another_seed_other_rows():
-    source = [str(DATA / "ARC-Easy")]
-    assert load_training_rows(source, 0.1, seed=3) == load_training_rows(source, 0.1, seed=3)
-    assert load_training_rows(source, 0.1, seed=3) != load_training_rows(source, 0.1, seed=4)
+    arc = load_benchmark(str(DATA / "ARC-Easy")).rows
+    assert subsample(arc, 0.1, seed=3) == subsample(arc, 0.1, seed=3)
+    assert subsample(arc, 0.1, seed=3) != subsample(arc, 0.1, seed=4)
 
 
 def test_the_whole_fraction_returns_every_row_in_a_new_list():
@@ -279,10 +295,18 @@ def test_the_synthetic_task_has_only_train_and_test():
 
 def test_synthetic_is_the_source_named_synthetic():
     assert load_benchmark("synthetic", "test") == synthetic_task("test")
-    assert load_training_rows(["synthetic"], data_fraction=0.5) == subsample(synthetic_task("train").rows, 0.5, 0)
+    assert training_pairs("synthetic", "label") == [label_pair(row) for row in synthetic_task("train").rows]
 
 
 # Tokenization and batching (byte_tokenizer: one token per UTF-8 byte, no BOS)
+
+
+def label_pair(row: dict) -> tuple[str, str]:
+    return prompt(row["instruction"], row["input"]), row["output"]
+
+
+def tokenize_rows(rows, tokenizer, cutoff_len, train_on_inputs=True):
+    return tokenize_pairs([label_pair(row) for row in rows], tokenizer, cutoff_len, train_on_inputs)
 
 
 def tokenize(row, tokenizer, cutoff_len, train_on_inputs=True):

@@ -6,11 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from densetune.evaluate import (
-    FORMATS, LABEL_FORMATS, LOGLIK_PREFIX, Prediction, _candidate_scores, accuracy, answer_format, choices, evaluate,
-    extract, generate, is_correct, loglik_pick,
-)
-from densetune.models import byte_tokenizer, tiny_llama
+from densetune.answers import FORMATS, LABEL_FORMATS, LOGLIK_PREFIX, answer_format, choices, extract, is_correct
+from densetune.evaluate import Prediction, _candidate_scores, accuracy, evaluate, generate, loglik_pick
+from densetune.models import tiny_llama
 from densetune.prompts import prompt
 
 ARC_INSTRUCTION = (
@@ -22,16 +20,6 @@ BOOLQ_INSTRUCTION = (
     "Please answer the following question with true or false, question: is ice cold?\n\nAnswer format: true/false"
 )
 ANSWERS = ["answer1", "answer2", "answer3", "answer4"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return byte_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return tiny_llama().eval()
 
 
 def test_formats():
@@ -239,7 +227,7 @@ def test_loglik_on_tiny_llama_matches_direct_scores_for_any_batching(llama, toke
     for batch_size in (1, 3, 16):
         for shortcut in (True, False):
             scores = _candidate_scores(
-                llama, tokenizer, prompts, candidates, batch_size=batch_size, single_token_shortcut=shortcut
+                llama, tokenizer, [p + LOGLIK_PREFIX for p in prompts], candidates, batch_size=batch_size, single_token_shortcut=shortcut
             )
             assert [len(row) for row in scores] == [len(row) for row in expected]
             assert flat(scores) == pytest.approx(flat(expected), abs=1e-4)

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from densetune.config import TrialConfig
+from densetune.increments import by_step, load_snapshots
 from densetune.trial import main, prepare, run_trial
 
 # float32: the tests below compare runs that must agree to rounding (bfloat16 has its own test).
@@ -44,7 +45,9 @@ def test_one_and_two_workers_train_on_the_same_global_batches(local_ray, tmp_pat
 
 
 def test_resume_continues_the_uninterrupted_loss_curve(local_ray, tmp_path):
-    settings = dict(FAST, dropout=0.1, warmup_steps=2, max_steps=6, checkpoint_every=3, storage_path=str(tmp_path))
+    settings = dict(
+        FAST, dropout=0.1, warmup_steps=2, max_steps=6, checkpoint_every=3, snapshot_every=2, storage_path=str(tmp_path)
+    )
     full = run_trial(TrialConfig(**settings, name="full"))
     paused = run_trial(TrialConfig(**settings, name="paused", stop_after_step=3))
     resumed = run_trial(TrialConfig(**settings, name="paused"))
@@ -57,9 +60,18 @@ def test_resume_continues_the_uninterrupted_loss_curve(local_ray, tmp_path):
     assert resumed.accuracies == full.accuracies
 
     predictions = json.loads(open(os.path.join(resumed.checkpoint, "predictions.json")).read())
-    assert len(predictions) == 16 and set(predictions[0]) == {"benchmark", "index", "output", "extracted", "gold", "correct"}
+    assert len(predictions) == 16 and {p["step"] for p in predictions} == {6}
+    assert set(predictions[0]) == {"step", "benchmark", "index", "output", "extracted", "gold", "correct", "correct_norm"}
+    # the snapshots recorded before the pause travel with the checkpoint: the resumed run still compares with step 0
+    snapshots = load_snapshots(os.path.join(resumed.checkpoint, "snapshots.safetensors"))
+    assert sorted(by_step(snapshots)) == [0, 2, 4, 6]
+    assert set(by_step(snapshots)[0]) == set(snapshot_keys(full.checkpoint))
     saved = json.loads(open(os.path.join(resumed.checkpoint, "summary.json")).read())
     assert saved["evaluations"] == resumed.summary["evaluations"] and saved["trainable_params"] == 2976
+
+
+def snapshot_keys(checkpoint: str) -> set[str]:
+    return set(by_step(load_snapshots(os.path.join(checkpoint, "snapshots.safetensors")))[6])
 
 
 def cpu_has_native_bf16() -> bool:

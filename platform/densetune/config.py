@@ -15,8 +15,9 @@ if TYPE_CHECKING:
     from peft import PeftConfig
 
 EVAL_MODES = ("generate", "loglik")
+PROTOCOLS = ("label", "text")
 DTYPES = ("auto", "float32", "bfloat16")
-SEARCHABLE = ("rank", "targets", "data_fraction", "method", "variant", "lr", "alpha", "dropout", "seed")
+SEARCHABLE = ("rank", "targets", "data_fraction", "method", "variant", "protocol", "lr", "alpha", "dropout", "seed")
 SEARCHES = ("grid", "random", "optuna")
 SCHEDULERS = ("fifo", "asha")
 
@@ -31,8 +32,12 @@ class TrialConfig:
     alpha: Optional[float] = None  # None: 2 * rank
     dropout: float = 0.05
     targets: str = "q,k,v,up,down"
-    # data: LLM-Adapters files, folders or Hub ids, or "synthetic" (the built-in task)
+    # data: LLM-Adapters files or folders, folder names in the data folders (ARC-Easy: data.data_dirs), Hub ids, or
+    # "synthetic" (the built-in task)
     datasets: list[str] = field(default_factory=lambda: ["synthetic"])
+    # label: the paper's response "the correct answer is answer2"; text: the right option's text, each option's text
+    # scored by log-likelihood (densetune.protocols)
+    protocol: str = "label"
     eval_datasets: Optional[list[str]] = None  # None: the test split of each training set
     data_fraction: float = 1.0
     cutoff_len: int = 256
@@ -61,13 +66,18 @@ class TrialConfig:
     # reporting, checkpoints, evaluation
     report_every: int = 10
     checkpoint_every: Optional[int] = None  # None: only at the end
-    eval_mode: str = "generate"  # LLM-Adapters: greedy generation and answer extraction; "loglik" is faster
+    # label protocol: greedy generation and answer extraction (LLM-Adapters), or "loglik", faster; the text protocol
+    # always scores the options' texts
+    eval_mode: str = "generate"
     eval_every: Optional[int] = None  # None: only at the end
     eval_at_start: bool = False  # also evaluate before the first step: the base model, for DenseLoRA and LoRA
-    eval_limit: Optional[int] = None  # a fixed, seeded subset of this many questions per benchmark
+    eval_limit: Optional[int] = None  # a fixed subset of this many questions per benchmark, the same for every seed
     eval_batch_size: int = 8
     eval_sharded: bool = False  # evaluate on every worker's share instead of on rank 0 alone
     max_new_tokens: int = 32
+    # record each adapted layer's r x r matrices (DenseLoRA's M, slices of LoRA's A and B) at step 0 and every this many
+    # steps, for the report's increment heat maps (densetune.increments); None: never
+    snapshot_every: Optional[int] = None
     name: Optional[str] = None  # the run's folder under storage_path; an existing one is resumed
     storage_path: str = "runs"
 

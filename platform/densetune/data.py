@@ -1,11 +1,12 @@
 """Training and evaluation data: LLM-Adapters benchmark files, Hub data sets, and a built-in synthetic task.
 
-Every row has the LLM-Adapters fields {instruction, input, output, answer}. `tokenize_rows` tokenizes rows the way
-LLM-Adapters' finetune.py does, all at once, and `collate` pads some of them into a batch.
+Every row has the LLM-Adapters fields {instruction, input, output, answer}. `tokenize_pairs` tokenizes (prompt, response)
+pairs the way LLM-Adapters' finetune.py does, all at once, and `collate` pads some of them into a batch.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import zlib
@@ -19,13 +20,15 @@ from datasets import load_dataset
 from datasets.exceptions import DatasetGenerationError
 from transformers import PreTrainedTokenizerBase
 
-from .prompts import prompt
 
 REQUIRED_FIELDS = ("instruction", "input", "output", "answer")
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
 SYNTHETIC_SIZES = {"train": 2000, "test": 300}
 
-_ALLOWED = "a data set is a .json file, a folder holding {split}.json, a Hub id owner/name, or 'synthetic'"
+_ALLOWED = (
+    "a data set is a .json file, a folder holding {split}.json, the name of such a folder in the data folders, a Hub "
+    "id owner/name, or 'synthetic'"
+)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
@@ -36,7 +39,8 @@ class Benchmark:
 
 
 def load_benchmark(source: str | Path, split: str = "train") -> Benchmark:
-    """One data set's rows: 'synthetic', a .json file, a folder holding {split}.json, or a Hub id owner/name.
+    """One data set's rows: 'synthetic', a .json file, a folder holding {split}.json, the name of such a folder in
+    the data folders (data_dirs: ARC-Easy, boolq), or a Hub id owner/name.
 
     A .json file is read whatever `split` says, so a training mixture such as math_data.json loads as "train".
     """
@@ -59,7 +63,25 @@ def load_benchmark(source: str | Path, split: str = "train") -> Benchmark:
     if _HUB_ID.fullmatch(source) and path.suffix != ".json":
         rows = load_dataset(source, split=split).to_list()
         return Benchmark(source.split("/")[1], _validated(rows, source))
-    raise ValueError(f"{source}: no such file or folder ({allowed})")
+    found = find_in_data_dirs(source)
+    if found is not None:
+        return load_benchmark(found, split)
+    searched = ", ".join(str(folder) for folder in data_dirs()) or "none found"
+    raise ValueError(f"{source}: no such file or folder ({allowed}; data folders: {searched})")
+
+
+def data_dirs() -> list[Path]:
+    """Where a bare benchmark name (ARC-Easy, boolq) is looked up: the folders in $DENSETUNE_DATA (separated by
+    ':'), then the LLM-Adapters files beside this project's checkout (../shared/data/llm-adapters)."""
+    listed = [Path(folder) for folder in os.environ.get("DENSETUNE_DATA", "").split(os.pathsep) if folder]
+    beside = Path(__file__).resolve().parents[3] / "shared" / "data" / "llm-adapters"
+    return [folder for folder in [*listed, beside] if folder.is_dir()]
+
+
+def find_in_data_dirs(name: str) -> Path | None:
+    if "/" in name or name in (".", ".."):
+        return None
+    return next((folder / name for folder in data_dirs() if (folder / name).is_dir()), None)
 
 
 def _read_json(path: Path) -> list[dict]:
@@ -215,14 +237,16 @@ class TokenizedRows:
         return np.add.reduceat(targets, self.offsets[:-1]) > 0 if len(self) else np.zeros(0, bool)
 
 
-def tokenize_rows(
-    rows: Sequence[dict], tokenizer: PreTrainedTokenizerBase, cutoff_len: int = 256, train_on_inputs: bool = True
+def tokenize_pairs(
+    pairs: Sequence[tuple[str, str]], tokenizer: PreTrainedTokenizerBase, cutoff_len: int = 256,
+    train_on_inputs: bool = True,
 ) -> TokenizedRows:
-    """LLM-Adapters' rule for every row: prompt + output, truncated at `cutoff_len`, EOS appended when it fits; with
-    `train_on_inputs` False the prompt's tokens get label IGNORE_INDEX. One batched tokenizer call for all rows."""
-    prompts = [prompt(row["instruction"], row["input"]) for row in rows]
-    texts = _token_ids(tokenizer, [p + row["output"] for p, row in zip(prompts, rows)], cutoff_len)
-    masked = [0] * len(rows) if train_on_inputs else [len(ids) for ids in _token_ids(tokenizer, prompts, cutoff_len)]
+    """LLM-Adapters' rule for every (prompt, response) pair (densetune.protocols.training_pair): prompt + response,
+    truncated at `cutoff_len`, EOS appended when it fits; with `train_on_inputs` False the prompt's tokens get label
+    IGNORE_INDEX. One batched tokenizer call for all pairs."""
+    prompts = [prompt_text for prompt_text, _ in pairs]
+    texts = _token_ids(tokenizer, [prompt_text + response for prompt_text, response in pairs], cutoff_len)
+    masked = [0] * len(pairs) if train_on_inputs else [len(ids) for ids in _token_ids(tokenizer, prompts, cutoff_len)]
     input_ids, labels, offsets = [], [], [0]
     for ids, prompt_length in zip(texts, masked):
         # A truncated text gets no EOS: the model must not learn to stop in mid-answer.

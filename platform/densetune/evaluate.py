@@ -1,155 +1,21 @@
-"""LLM-Adapters evaluation: Alpaca prompt, greedy generation, answer extracted by pattern; plus a faster
-log-likelihood mode for the multiple-choice benchmarks that scores each candidate instead of generating.
+"""Running a model on a benchmark's questions: greedy generation with the answer read from the response
+(LLM-Adapters), the candidate labels scored by log-likelihood (faster), or, under the text protocol, each option's
+text scored by log-likelihood (lm-evaluation-harness: acc, and acc_norm by length).
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from densetune.prompts import prompt
-
-FORMATS = ("boolean", "solution", "answer", "ending", "option", "number", "letter")
-LABEL_FORMATS = FORMATS[:5]  # the multiple-choice formats: the answer is one of a fixed set of labels
-LOGLIK_PREFIX = "the correct answer is "  # how LLM-Adapters' training outputs word a multiple-choice answer
-NUMBER_TOLERANCE = 1e-3  # LLM-Adapters counts a numeric answer right within 0.001
-
-# Names are matched after lower-casing and turning '-' into '_', so "ARC-Easy" and "arc_easy" are the same.
-KNOWN_BENCHMARKS = {
-    "boolq": "boolean",
-    "piqa": "solution",
-    **dict.fromkeys(("social_i_qa", "siqa", "arc_challenge", "arc_easy", "openbookqa", "synthetic"), "answer"),
-    "hellaswag": "ending",
-    "winogrande": "option",
-    **dict.fromkeys(("gsm8k", "addsub", "svamp", "multiarith", "singleeq", "mawps", "math_data"), "number"),
-    "aqua": "letter",
-}
-DEFAULT_CHOICES = {
-    "boolean": ["true", "false"],
-    "solution": ["solution1", "solution2"],
-    "answer": ["answer1", "answer2", "answer3", "answer4", "answer5"],
-    "ending": ["ending1", "ending2", "ending3", "ending4"],
-    "option": ["option1", "option2"],
-}
-
-# A number with an optional decimal part, or ".5". In text the minus only counts as a sign when it does not
-# follow a digit, so the range "10-12" ends in 12, not -12; it may come before a dollar sign, as in "-$110".
-_NUMBER_RE = re.compile(r"-?(?:\d+(?:\.\d+)?|\.\d+)")
-_NUMBER_IN_TEXT_RE = re.compile(r"(?:(?<!\d)(-)\$?)?(\d+(?:\.\d+)?|\.\d+)")
-_THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}\b)")
-# Whole words only: "answer12" is not "answer1", "untrue" is not "true".
-_LABEL_RE = {fmt: re.compile(r"\b(" + "|".join(labels) + r")\b", re.I) for fmt, labels in DEFAULT_CHOICES.items()}
-_LABEL_STATED_RE = {
-    fmt: re.compile(r"answer is\W*(" + "|".join(labels) + r")\b", re.I) for fmt, labels in DEFAULT_CHOICES.items()
-}
-# "The answer is (D)", "answer: C", "the answer is c." -- a lower-case letter only when no word follows it, so
-# "the answer is a train" states nothing.
-_LETTER_STATED_RE = re.compile(r"(?i:answer)(?:\s+is|\s*:)\s*\(?(?:([A-E])\b|([a-e])\b(?!\s+[a-z]))")
-_LETTER_PARENTHESIZED_RE = re.compile(r"\(([A-Ea-e])\)")
-_LETTER_WORD_RE = re.compile(r"\b([A-E])\b")
-_ANSWER_FORMAT_LINE_RE = re.compile(r"^\s*answer format:\s*(.+?)\s*$", re.I | re.M)
-
-
-def answer_format(name: str, answers: Iterable[str]) -> str:
-    """The answer format of benchmark `name`: known by name, otherwise inferred from its gold answers."""
-    known = KNOWN_BENCHMARKS.get(name.lower().replace("-", "_"))
-    if known:
-        return known
-    answers = [str(answer).strip() for answer in answers]
-    lowered = [answer.lower() for answer in answers]
-    if answers:
-        if all(answer in ("true", "false") for answer in lowered):
-            return "boolean"
-        for fmt in ("solution", "answer", "ending", "option"):
-            if all(re.fullmatch(fmt + r"\d+", answer) for answer in lowered):
-                return fmt
-        if all(re.fullmatch(r"[a-e]", answer) for answer in lowered):
-            return "letter"
-        if all(_NUMBER_RE.fullmatch(answer.replace(",", "")) for answer in answers):
-            return "number"
-    examples = ", ".join(repr(answer) for answer in answers[:3]) or "none"
-    raise ValueError(
-        f"cannot tell the answer format of benchmark {name!r}: its answers (e.g. {examples}) match none of the "
-        f"known formats {', '.join(FORMATS)}"
-    )
-
-
-def extract(fmt: str, text: str) -> str | float | None:
-    """The answer stated in a model's response `text`, or None when it states none."""
-    if fmt in LABEL_FORMATS:
-        return _extract_label(fmt, text)
-    if fmt == "number":
-        return _extract_number(text)
-    if fmt == "letter":
-        return _extract_letter(text)
-    raise _unknown_format(fmt)
-
-
-def _extract_label(fmt: str, text: str) -> str | None:
-    # An explicit "answer is X" wins (the last one: models correct themselves); otherwise the first label
-    # mentioned, as LLM-Adapters does.
-    stated = _LABEL_STATED_RE[fmt].findall(text)
-    if stated:
-        return stated[-1].lower()
-    mentioned = _LABEL_RE[fmt].search(text)
-    return mentioned.group(1).lower() if mentioned else None
-
-
-def _extract_number(text: str) -> float | None:
-    # Worked solutions end with the result, so the last number is the answer.
-    numbers = _NUMBER_IN_TEXT_RE.findall(_THOUSANDS_COMMA.sub("", text))
-    if not numbers:
-        return None
-    sign, digits = numbers[-1]
-    return float(sign + digits)
-
-
-def _extract_letter(text: str) -> str | None:
-    # Most explicit first: "answer is X", then "(X)", then any capital A-E standing alone (which may be the
-    # article "A", hence last).
-    stated = _LETTER_STATED_RE.findall(text)
-    if stated:
-        upper, lower = stated[-1]
-        return (upper or lower).upper()
-    for pattern in (_LETTER_PARENTHESIZED_RE, _LETTER_WORD_RE):
-        found = pattern.findall(text)
-        if found:
-            return found[-1].upper()
-    return None
-
-
-def is_correct(fmt: str, predicted: str | float | None, gold: str) -> bool:
-    """Whether an extracted answer matches the gold one."""
-    if fmt not in FORMATS:
-        raise _unknown_format(fmt)
-    if predicted is None:
-        return False
-    if fmt in LABEL_FORMATS:
-        return str(predicted).lower() == gold.strip().lower()
-    if fmt == "number":
-        return abs(float(predicted) - float(gold.replace(",", ""))) <= NUMBER_TOLERANCE
-    return str(predicted).upper() == gold.strip().upper()  # letter
-
-
-def choices(fmt: str, instruction: str) -> list[str]:
-    """The candidate answers of a multiple-choice question: from its "Answer format: a/b/c" line, if any."""
-    if fmt not in LABEL_FORMATS:
-        if fmt in FORMATS:
-            raise ValueError(f"format {fmt!r} has no fixed candidate answers; only {', '.join(LABEL_FORMATS)} do")
-        raise _unknown_format(fmt)
-    lines = _ANSWER_FORMAT_LINE_RE.findall(instruction)
-    if lines:
-        return [label.strip().lower() for label in lines[-1].split("/") if label.strip()]
-    return list(DEFAULT_CHOICES[fmt])
-
-
-def _unknown_format(fmt: str) -> ValueError:
-    return ValueError(f"unknown answer format {fmt!r}; use one of {', '.join(FORMATS)}")
+from .answers import LABEL_FORMATS, LOGLIK_PREFIX, answer_format, choices, extract, is_correct
+from .config import PROTOCOLS
+from .prompts import prompt
+from .protocols import text_question
 
 
 @contextmanager
@@ -222,18 +88,25 @@ def _common_prefix_length(sequences: list[list[int]]) -> int:
 
 
 def _candidate_sequences(
-    tokenizer, prompt_index: int, prompt_text: str, candidates: list[str], single_token_shortcut: bool
+    tokenizer, prompt_index: int, context: str, continuations: list[str], single_token_shortcut: bool,
+    from_context: bool,
 ) -> list[_Sequence]:
-    tokenized = [tokenizer(prompt_text + LOGLIK_PREFIX + candidate)["input_ids"] for candidate in candidates]
-    shared = _common_prefix_length(tokenized)
-    if shared == 0:
-        raise ValueError(f"the candidates {candidates!r} share no tokens with their prompt, so none can be scored")
-    if single_token_shortcut and all(len(tokens) == shared + 1 for tokens in tokenized):
+    tokenized = [tokenizer(context + continuation)["input_ids"] for continuation in continuations]
+    if from_context:
+        # Every token of a continuation counts, shared ones too (lm-evaluation-harness): acc_norm divides the sum by
+        # the continuation's length. Where the context's last token merges with a continuation's first, the merged
+        # token counts.
+        start = _common_prefix_length([tokenizer(context)["input_ids"], *tokenized])
+    else:
+        start = _common_prefix_length(tokenized)
+    if start == 0:
+        raise ValueError(f"the candidates {continuations!r} share no tokens with their prompt, so none can be scored")
+    if single_token_shortcut and all(len(tokens) == start + 1 for tokens in tokenized):
         # The candidates differ in their last token only: one pass over the shared prefix scores them all.
-        targets = [(prompt_index, k, shared - 1, tokens[-1]) for k, tokens in enumerate(tokenized)]
-        return [_Sequence(tokenized[0][:shared], targets)]
+        targets = [(prompt_index, k, start - 1, tokens[-1]) for k, tokens in enumerate(tokenized)]
+        return [_Sequence(tokenized[0][:start], targets)]
     return [
-        _Sequence(tokens, [(prompt_index, k, t - 1, tokens[t]) for t in range(shared, len(tokens))])
+        _Sequence(tokens, [(prompt_index, k, t - 1, tokens[t]) for t in range(start, len(tokens))])
         for k, tokens in enumerate(tokenized)
     ]
 
@@ -241,21 +114,23 @@ def _candidate_sequences(
 def _candidate_scores(
     model,
     tokenizer,
-    prompts: list[str],
-    candidates: list[list[str]],
+    contexts: list[str],
+    continuations: list[list[str]],
     batch_size: int = 8,
     progress: bool = False,
     single_token_shortcut: bool = True,
+    from_context: bool = False,
 ) -> list[list[float]]:
-    """Each candidate's summed log-likelihood as the response "the correct answer is <candidate>"."""
-    if len(prompts) != len(candidates):
-        raise ValueError(f"got {len(prompts)} prompts but {len(candidates)} candidate lists")
+    """Each continuation's log-likelihood after its context: summed over its own tokens (`from_context`), or over
+    the tokens where the continuations differ (enough to rank them, and cheaper)."""
+    if len(contexts) != len(continuations):
+        raise ValueError(f"got {len(contexts)} prompts but {len(continuations)} candidate lists")
     sequences = [
         sequence
-        for i, (prompt_text, options) in enumerate(zip(prompts, candidates))
-        for sequence in _candidate_sequences(tokenizer, i, prompt_text, options, single_token_shortcut)
+        for i, (context, options) in enumerate(zip(contexts, continuations))
+        for sequence in _candidate_sequences(tokenizer, i, context, options, single_token_shortcut, from_context)
     ]
-    scores = [[0.0] * len(options) for options in candidates]
+    scores = [[0.0] * len(options) for options in continuations]
     order = sorted(range(len(sequences)), key=lambda s: len(sequences[s].tokens), reverse=True)
     device = _device(model)
     with _inference(model, tokenizer, "right"), tqdm(total=len(sequences), desc="loglik", disable=not progress) as bar:
@@ -287,17 +162,35 @@ def _score_batch(
         scores[prompt_index][candidate] += value
 
 
+def _argmax(values: Sequence[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)
+
+
 def loglik_pick(
     model, tokenizer, prompts: list[str], candidates: list[list[str]], batch_size: int = 8, progress: bool = False
 ) -> list[int]:
-    """For each prompt, the index of its most likely candidate answer; no generation."""
-    scores = _candidate_scores(model, tokenizer, prompts, candidates, batch_size, progress)
-    return [max(range(len(row)), key=row.__getitem__) for row in scores]
+    """For each prompt, the index of its most likely candidate label as the response "the correct answer is
+    <candidate>"; no generation."""
+    contexts = [prompt_text + LOGLIK_PREFIX for prompt_text in prompts]
+    return [_argmax(row) for row in _candidate_scores(model, tokenizer, contexts, candidates, batch_size, progress)]
+
+
+def text_picks(
+    model, tokenizer, contexts: list[str], options: list[list[str]], batch_size: int = 8, progress: bool = False
+) -> list[tuple[int, int]]:
+    """For each context, (the option with the highest log-likelihood, the one with the highest log-likelihood per
+    byte of its text): lm-evaluation-harness's acc and acc_norm."""
+    scores = _candidate_scores(model, tokenizer, contexts, options, batch_size, progress, from_context=True)
+    return [
+        (_argmax(row), _argmax([score / len(text.encode()) for score, text in zip(row, texts)]))
+        for row, texts in zip(scores, options)
+    ]
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """One evaluated row: `index` is its position in the benchmark's full list of rows."""
+    """One evaluated row: `index` is its position in the benchmark's full list of rows. `correct_norm`: under the
+    text protocol, whether the length-normalised pick (acc_norm) is right; None otherwise."""
 
     benchmark: str
     index: int
@@ -305,6 +198,7 @@ class Prediction:
     extracted: str | float | None
     gold: str
     correct: bool
+    correct_norm: bool | None = None
 
 
 def evaluate(
@@ -317,10 +211,14 @@ def evaluate(
     batch_size: int = 8,
     shard: tuple[int, int] = (0, 1),
     progress: bool = False,
+    protocol: str = "label",
 ) -> list[Prediction]:
-    """Predictions for this shard's rows of benchmark `name` (rows of {instruction, input, answer})."""
+    """Predictions for this shard's rows of benchmark `name` (rows of {instruction, input, answer}). The text protocol
+    always scores the options' texts; `mode` chooses how the label protocol answers."""
     if mode not in ("generate", "loglik"):
         raise ValueError(f"mode must be 'generate' or 'loglik'; got {mode!r}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
     # The format comes from all rows, not this shard's, so every shard agrees on it.
     fmt = answer_format(name, [str(row["answer"]) for row in rows])
     if mode == "loglik" and fmt not in LABEL_FORMATS:
@@ -331,6 +229,8 @@ def evaluate(
     if not 0 <= rank < world:
         raise ValueError(f"shard must be (rank, world) with 0 <= rank < world; got {shard!r}")
     indices = list(range(rank, len(rows), world))
+    if protocol == "text":
+        return _evaluate_text(model, tokenizer, name, rows, indices, fmt, batch_size, progress)
     prompts = [prompt(rows[i]["instruction"], rows[i].get("input", "")) for i in indices]
     if mode == "generate":
         outputs = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
@@ -346,8 +246,25 @@ def evaluate(
     return predictions
 
 
-def accuracy(predictions: Sequence[Prediction]) -> float:
-    """The fraction of predictions that are correct."""
+def _evaluate_text(
+    model, tokenizer, name: str, rows: list[dict], indices: list[int], fmt: str, batch_size: int, progress: bool
+) -> list[Prediction]:
+    questions = [text_question(rows[i], fmt) for i in indices]
+    picks = text_picks(model, tokenizer, [q.context for q in questions], [q.options for q in questions], batch_size, progress)
+    predictions = []
+    for i, question, (pick, pick_norm) in zip(indices, questions, picks):
+        labels = choices(fmt, rows[i]["instruction"])
+        predictions.append(Prediction(
+            name, i, question.options[pick].strip(), labels[pick], str(rows[i]["answer"]), pick == question.gold,
+            pick_norm == question.gold,
+        ))
+    return predictions
+
+
+def accuracy(predictions: Sequence[Prediction], norm: bool = False) -> float:
+    """The fraction of predictions that are correct; with `norm`, of length-normalised picks (text protocol)."""
     if not predictions:
         raise ValueError("accuracy of no predictions is undefined")
-    return sum(prediction.correct for prediction in predictions) / len(predictions)
+    if norm and any(prediction.correct_norm is None for prediction in predictions):
+        raise ValueError("these predictions have no length-normalised picks: only the text protocol makes them")
+    return sum(bool(p.correct_norm if norm else p.correct) for p in predictions) / len(predictions)

@@ -1,8 +1,10 @@
 """What every script in experiments/ shares: a study (a search space and the columns worth printing), the common
 command-line flags, the sweep, and the summary table at the end.
 
-With no flags a study runs on a laptop: a local Ray, the built-in pretrained SmolLM2-135M, the built-in task, an
-embedded sqlite store. --smoke runs the same study in a few minutes on the random tiny model.
+With no flags a study runs on a laptop: a local Ray, the built-in pretrained SmolLM2-135M, ARC-Easy under the text
+protocol (from the data folders: densetune.data.data_dirs), an embedded sqlite store. Every trial is evaluated before
+and after training, and the study ends with its report (densetune.report). --smoke runs the same study in a minute on
+the random tiny model and the built-in task.
 
 The sweep, and with it Ray Tune, MLflow and torch, is imported only once the flags are read: --help answers at once.
 """
@@ -15,25 +17,27 @@ import sys
 import tempfile
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from .config import SCHEDULERS, SEARCHABLE, SEARCHES, SweepConfig, TrialConfig, comma_list, field_type
+from .config import PROTOCOLS, SCHEDULERS, SEARCHABLE, SEARCHES, SweepConfig, TrialConfig, comma_list, field_type
 
 if TYPE_CHECKING:
     from .sweep import SweepResult
 
-# One trial on 2 CPU cores in a few minutes: SmolLM2-135M, batches of 8, the fast log-likelihood evaluation on a fixed
-# subset, and the loss on the answers only.
+# One trial on 2 CPU cores in about three minutes that shows learning (docs/RESULTS.md says why these): SmolLM2-135M
+# on ARC-Easy's questions, the text protocol (the model answers with the option's text, which it already partly knows),
+# batches of 8, the loss on the answers only, and a fixed 200-question subset of the test split scored before and
+# after training.
 LOCAL = dict(
-    model="smollm2-135m", datasets=["synthetic"], max_steps=60, warmup_steps=6, batch_size=8, micro_batch_size=4,
-    train_on_inputs=False, eval_mode="loglik", eval_limit=200, report_every=5, cpus_per_worker=2.0,
+    model="smollm2-135m", datasets=["ARC-Easy"], protocol="text", max_steps=60, warmup_steps=6, batch_size=8,
+    micro_batch_size=4, train_on_inputs=False, eval_mode="loglik", eval_limit=200, eval_at_start=True,
+    report_every=5, cpus_per_worker=2.0,
 )
-# The whole study in a few minutes: the random tiny model, a handful of steps, a few questions. Its tokenizer is
-# byte-level, so the cutoff is longer: a built-in question is about 450 bytes.
+# The whole study in a minute: the random tiny model, the built-in task (no data files needed), a handful of steps, a
+# few questions. Its tokenizer is byte-level, so the cutoff is longer: a built-in question is about 450 bytes.
 SMOKE = dict(
-    model="tiny-llama", max_steps=4, warmup_steps=1, batch_size=4, micro_batch_size=2, cutoff_len=512,
-    eval_limit=8, eval_batch_size=8, report_every=2, cpus_per_worker=1.0,
+    model="tiny-llama", datasets=["synthetic"], max_steps=4, warmup_steps=1, batch_size=4, micro_batch_size=2,
+    cutoff_len=512, eval_limit=8, eval_batch_size=8, report_every=2, cpus_per_worker=1.0,
 )
 
 
@@ -50,6 +54,10 @@ def parser(study: Study, description: str) -> argparse.ArgumentParser:
     p.add_argument("--model", help="tiny-llama, smollm2-135m, a Hugging Face id or a folder (default: smollm2-135m)")
     p.add_argument("--dataset", type=comma_list, help="comma-separated: synthetic, LLM-Adapters files or folders, Hub ids")
     p.add_argument("--eval-datasets", type=comma_list, help="comma-separated (default: the test split of each dataset)")
+    p.add_argument("--protocol", choices=PROTOCOLS,
+                   help="label: the paper's 'the correct answer is answer2'; text: the option's text, scored by "
+                        "log-likelihood (default: text; search both with --space protocol=label,text)")
+    p.add_argument("--seeds", type=int, default=1, help="repeat every configuration with this many seeds (default 1)")
     p.add_argument("--space", action="append", default=[], metavar="SETTING=V1,V2",
                    help=f"replace or add a searched setting, one of {', '.join(SEARCHABLE)} (repeatable); "
                         f"this study searches {format_space(study.space)}")
@@ -117,7 +125,8 @@ def sweep_config(study: Study, args: argparse.Namespace) -> SweepConfig:
     """The flags over the study over the local (or smoke) defaults."""
     settings = {**LOCAL, **study.trial, **(SMOKE if args.smoke else {})}
     flags = {
-        "model": args.model, "datasets": args.dataset, "eval_datasets": args.eval_datasets, "max_steps": args.max_steps,
+        "model": args.model, "datasets": args.dataset, "eval_datasets": args.eval_datasets, "protocol": args.protocol,
+        "max_steps": args.max_steps,
         "num_workers": args.workers_per_trial, "cpus_per_worker": args.cpus_per_worker,
         "gpus_per_worker": args.gpus_per_worker, "storage_path": args.storage_path,
     }
@@ -132,6 +141,8 @@ def sweep_config(study: Study, args: argparse.Namespace) -> SweepConfig:
     for text in args.space:
         name, values = parse_setting(text, "--space")
         space[name] = [search_value(name, value) for value in comma_list(values)] if name in SEARCHABLE else values
+    if args.seeds != 1:
+        space["seed"] = seeds(args, space, settings.get("seed", TrialConfig.seed))
     return SweepConfig(
         study=study.name, space=space, trial=TrialConfig.from_dict(settings), search=args.search,
         num_samples=args.num_samples, scheduler=args.scheduler, metric=args.metric, mode=args.mode,
@@ -139,34 +150,62 @@ def sweep_config(study: Study, args: argparse.Namespace) -> SweepConfig:
     )
 
 
+def seeds(args: argparse.Namespace, space: dict[str, Any], first: int) -> list[int]:
+    """--seeds N: the seeds first, first + 1, ..., a grid axis, so every configuration runs with each of them."""
+    if isinstance(args.seeds, bool) or args.seeds < 1:
+        raise ValueError(f"--seeds must be a positive integer; got {args.seeds!r}")
+    if "seed" in space:
+        raise ValueError("--seeds and --space seed=... both set the seeds: use one of them")
+    if args.search != "grid":
+        raise ValueError(f"--seeds repeats the configurations of a grid; {args.search} search draws its own: use --num-samples")
+    return list(range(first, first + args.seeds))
+
+
 def summary_table(result: SweepResult, study: Study, space: dict[str, Any]) -> str:
+    """Each trial's searched settings, study columns, final accuracies and status; with several seeds, each
+    configuration's mean ± 95 % interval over its finished seeds instead."""
     import pandas as pd
+
+    from .tracking import ACCURACY_PREFIXES
 
     trials = result.trials
     if trials.empty:
         return "no trials were recorded"
-    accuracies = sorted(c for c in trials.columns if c.startswith("accuracy/"))
-    wanted = [*space, *study.columns, *accuracies, "status"]
+    accuracies = sorted(c for c in trials.columns if c.startswith(ACCURACY_PREFIXES))
+    if "seed" in space and len(space["seed"]) > 1:
+        trials = over_seeds(trials, [k for k in space if k != "seed" and k in trials.columns], study.columns, accuracies)
+        wanted = list(trials.columns)
+    else:
+        wanted = [*space, *study.columns, *accuracies, "status"]
     columns = list(dict.fromkeys(c for c in wanted if c in trials.columns))
     table = trials[columns].sort_values(list(c for c in space if c in trials.columns), ignore_index=True)
     with pd.option_context("display.width", 200, "display.max_columns", 50, "display.float_format", "{:.4f}".format):
         return table.to_string(index=False)
 
 
-def loss_plot(result: SweepResult, searched: list[str]) -> str:
-    """The trials' loss curves, in the sweep's folder when it is local and as an artifact of the sweep's run."""
-    from mlflow import MlflowClient
+def over_seeds(trials: Any, keys: list[str], columns: Sequence[str], accuracies: list[str]) -> Any:
+    """One row per configuration of the finished trials: its seeds, the study's columns, and each accuracy as
+    'mean ± half-width' in percent (Student t, 95 %)."""
+    import pandas as pd
 
-    from .report import plot_metric
+    from .stats import mean_interval
 
-    folder = Path(result.path) if "://" not in result.path else Path(tempfile.mkdtemp())
-    path = plot_metric(result.trials, result.tracking_uri, searched, folder / "loss.png")
-    MlflowClient(result.tracking_uri).log_artifact(result.run_id, str(path))
-    return str(path)
+    finished = trials[trials["status"] == "FINISHED"]
+    rows = []
+    for values, group in finished.groupby(keys, sort=True) if keys else [((), finished)]:
+        row = dict(zip(keys, values if isinstance(values, tuple) else (values,)))
+        row["seeds"] = len(group)
+        row.update({c: group[c].iloc[0] for c in columns if c in group})
+        for name in accuracies:
+            mean, half = mean_interval(group[name].dropna().tolist())
+            row[name] = f"{100 * mean:.1f} ± {100 * half:.1f}"
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def main(study: Study, description: str, argv: Optional[list[str]] = None) -> int:
     args = parser(study, description).parse_args(argv)
+    from .report import write_report
     from .sweep import run_sweep
     from .tracking import ui_command
 
@@ -178,7 +217,8 @@ def main(study: Study, description: str, argv: Optional[list[str]] = None) -> in
         return 2
     print(f"\nsweep {result.name} ({len(result.trials)} trials), folder {result.path}\n")
     print(summary_table(result, study, sweep.space))
-    if not result.trials.empty:
-        print(f"\nloss curves: {loss_plot(result, list(sweep.space))}")
+    # A sweep on a remote storage path keeps its report in MLflow only.
+    out = None if "://" not in result.path else tempfile.mkdtemp()
+    print(f"\nreport (tables, paired tests, figures): {write_report(result.name, result.tracking_uri, study.name, out)}")
     print(f"\nMLflow experiment {study.name!r}, sweep tag {result.name!r}. To browse it:\n  {ui_command(result.tracking_uri)}")
     return 0

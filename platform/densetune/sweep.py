@@ -33,7 +33,7 @@ import densemod
 from densemod.denselora.config import check_choice
 
 from .config import SCHEDULERS, SEARCHABLE, SEARCHES, SweepConfig, TrialConfig
-from .inputs import TrialData, load_data, training_rows
+from .inputs import TrialData, data_source, load_data, training_rows
 from .trial import (
     check_adapter_fits, check_config, check_non_negative, check_placeable, check_positive, ensure_ray, run_trial,
     storage_root, uses_gpu, workers_that_fit,
@@ -65,13 +65,29 @@ def trial_config(params: dict[str, Any]) -> TrialConfig:
     return TrialConfig.from_dict(params)
 
 
-def sweep_trial(params: dict[str, Any], data: TrialData) -> None:
-    """The Tune trainable: one trial's Ray Train run on the sweep's data, its reports forwarded to Tune.
+def sweep_trial(params: dict[str, Any], data: dict[tuple, TrialData]) -> None:
+    """The Tune trainable: one trial's Ray Train run on the sweep's data (sweep_data), its reports forwarded to Tune.
 
     The Train run is named for the Tune trial, so a restored sweep resumes it from its last checkpoint.
     """
     config = dataclasses.replace(trial_config(params), name=tune.get_context().get_trial_id())
-    run_trial(config, callbacks=[TuneReportCallback()], data=data)
+    run_trial(config, callbacks=[TuneReportCallback()], data=data[data_source(config)])
+
+
+def sweep_data(sweep: SweepConfig) -> dict[tuple, TrialData]:
+    """The data of every trial, loaded once: one TrialData per protocol searched (it decides how rows are tokenized),
+    keyed by data_source. Each is checked at the smallest fraction searched: every trial must get at least one batch.
+    Called before the storage and the store are touched: bad data leaves nothing behind."""
+    protocols = sweep.space.get("protocol", [sweep.trial.protocol])
+    protocols = getattr(protocols, "categories", protocols)  # tune.choice([...]) under random or optuna search
+    fractions = sweep.space.get("data_fraction", [sweep.trial.data_fraction])
+    smallest = min(fractions) if isinstance(fractions, (list, tuple)) else sweep.trial.data_fraction
+    data = {}
+    for protocol in protocols:
+        config = dataclasses.replace(sweep.trial, protocol=protocol)
+        data[data_source(config)] = load_data(config)
+        training_rows(dataclasses.replace(config, data_fraction=smallest), data[data_source(config)])
+    return data
 
 
 def check_space(sweep: SweepConfig) -> None:
@@ -196,15 +212,12 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
         # A resumed sweep keeps its study, store, search space and settings: Tune and this record saved them.
         record = json.loads(read_text(f"{folder}/{RECORD}"))
         uri = record["tracking_uri"]
-        sweep = dataclasses.replace(sweep, study=record["study"], trial=TrialConfig.from_dict(record["trial"]))
+        sweep = dataclasses.replace(
+            sweep, study=record["study"], trial=TrialConfig.from_dict(record["trial"]), space=json.loads(record["space"])
+        )
     elif tune.Tuner.can_restore(folder):
         raise ValueError(f"sweep {name!r} already exists at {folder}: pass --resume to continue it, or another --name")
-    # The data once for every trial (none of its sources is searched), checked at the smallest fraction searched:
-    # every trial must get at least one batch. Before the storage and the store are touched: bad data leaves nothing.
-    data = load_data(sweep.trial)
-    fractions = sweep.space.get("data_fraction", [sweep.trial.data_fraction])
-    smallest = min(fractions) if isinstance(fractions, (list, tuple)) else sweep.trial.data_fraction
-    training_rows(dataclasses.replace(sweep.trial, data_fraction=smallest), data)
+    data = sweep_data(sweep)
     check_storage(sweep.trial.storage_path)
     check_tracking_uri(uri)
     ensure_ray()
@@ -214,15 +227,15 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
     # Trials report accuracy only when they evaluate; Tune would otherwise reject every report without it.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # The tokenized rows go into the object store once; each trial's workers read them there.
-    shared = dataclasses.replace(data, train=ray.put(data.train))
+    shared = {source: dataclasses.replace(one, train=ray.put(one.train)) for source, one in data.items()}
     trainable = tune.with_resources(tune.with_parameters(sweep_trial, data=shared), DRIVER_RESOURCES)
     tracker = SweepTracker(
-        uri, sweep.study, name, trial_config, list(sweep.space), sweep_params(sweep), artifact_root(uri)
+        uri, sweep.study, name, trial_config, list(sweep.space), sweep_params(sweep, folder), artifact_root(uri)
     )
     if sweep.resume:
         tuner = tune.Tuner.restore(folder, trainable, resume_unfinished=True, resume_errored=True)
     else:
-        record = {"study": sweep.study, "tracking_uri": uri, "trial": dataclasses.asdict(sweep.trial), **sweep_params(sweep)}
+        record = {"study": sweep.study, "tracking_uri": uri, "trial": dataclasses.asdict(sweep.trial), **sweep_params(sweep, folder)}
         write_text(f"{folder}/{RECORD}", json.dumps(record))
         tuner = tune.Tuner(
             trainable, param_space=param_space(sweep, folder),
@@ -251,11 +264,13 @@ def write_text(path: str, text: str) -> None:
         stream.write(text.encode())
 
 
-def sweep_params(sweep: SweepConfig) -> dict[str, str]:
-    """The parent run's params: how the sweep searched."""
+def sweep_params(sweep: SweepConfig, folder: str) -> dict[str, str]:
+    """The parent run's params: how the sweep searched, and where its folder is."""
     space = {k: v if isinstance(v, (list, tuple)) else str(v) for k, v in sweep.space.items()}
+    seeds = sweep.space.get("seed")
     return {
         "space": json.dumps(space), "search": sweep.search, "num_samples": str(sweep.num_samples),
+        "seeds": str(len(seeds) if isinstance(seeds, (list, tuple)) else 1), "folder": folder,
         "scheduler": sweep.scheduler, "metric": sweep.metric, "mode": sweep.mode,
         "max_concurrent": str(sweep.max_concurrent), "model": sweep.trial.model,
         "datasets": ",".join(sweep.trial.datasets),

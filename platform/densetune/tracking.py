@@ -35,7 +35,8 @@ STEP_METRICS = (
 )
 ROLE, SWEEP, STUDY, TRIAL_ID, NODE_ID = "densetune.role", "sweep", "study", "ray.trial_id", "ray.node_id"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
-RECORD_FILES = ("predictions.json", "summary.json")
+RECORD_FILES = ("predictions.json", "summary.json", "snapshots.safetensors")
+ACCURACY_PREFIXES = ("accuracy/", "accuracy_norm/")  # per benchmark and average; accuracy_norm: text protocol
 
 
 def default_tracking_uri(storage_path: str) -> str:
@@ -180,7 +181,7 @@ class SweepTracker(tune.Callback):
             return
         self._last[trial.trial_id] = result
         stamp, step = now_ms(), int(result["step"])
-        names = [k for k in result if k in STEP_METRICS or k.startswith("accuracy/")]
+        names = [k for k in result if k in STEP_METRICS or k.startswith(ACCURACY_PREFIXES)]
         metrics = [Metric(k, float(result[k]), stamp, step) for k in names if result[k] is not None]
         facts = {k: str(cast(result[k])) for k, cast in FACTS.items() if k in result}
         self._log(run_id, params=facts, metrics=metrics)

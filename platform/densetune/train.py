@@ -37,9 +37,11 @@ from .batching import epoch_batches, token_counts
 from .config import TrialConfig
 from .data import IGNORE_INDEX, TokenizedRows, collate
 from .evaluate import accuracy, evaluate
+from .increments import SnapshotRecorder, load_snapshots
 from .models import load_model, load_tokenizer
 
 logger = logging.getLogger(__name__)
+SNAPSHOTS = "snapshots.safetensors"
 # PEFT 0.21 reads an attribute that transformers 5 deprecates; the warning says nothing about this run.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
 
@@ -65,6 +67,9 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     after_step = densemod.step_hook(model)
 
     position = ckpt.Position(step=0, epoch=0, step_in_epoch=0)
+    # Snapshots of the adapter's r x r matrices for the increment heat maps, on rank 0 (DDP keeps the workers' equal);
+    # every checkpoint keeps those so far, so a resumed run still compares with step 0.
+    snapshots = SnapshotRecorder() if cfg.snapshot_every and rank == 0 else None
     restored = ray.train.get_checkpoint()
     if restored:
         with restored.as_directory() as folder:
@@ -72,6 +77,8 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             ckpt.load_optimizer(optimizer, scheduler, Path(folder))
             position = ckpt.load_position(Path(folder))
             ckpt.load_rng(Path(folder), rank)
+            if snapshots is not None and (Path(folder) / SNAPSHOTS).exists():
+                snapshots = SnapshotRecorder(load_snapshots(Path(folder) / SNAPSHOTS))
     else:
         # Dropout masks should differ between workers.
         torch.manual_seed(cfg.seed + rank)
@@ -93,6 +100,8 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     evaluation = (model, tokenizer, eval_sets, cfg, rank, world, summary, functools.partial(mixed.autocast, precision, device))
     startup: dict[str, float] = {}  # from run_trial to the first optimizer step, reported once
 
+    if snapshots is not None and not restored:
+        snapshots.record(0, model)
     if cfg.eval_at_start and not restored:
         metrics = {"step": 0, **run_evaluation(*evaluation, 0)}
         log(rank, f"before training: {format_accuracies(metrics)}")
@@ -117,6 +126,8 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             position = ckpt.Position(position.step + 1, position.epoch, position.step_in_epoch + 1)
 
             step = position.step
+            if snapshots is not None and (step % cfg.snapshot_every == 0 or step == total_steps):
+                snapshots.record(step, model)
             metrics = {
                 "step": step, "epoch": step / steps_per_epoch, "loss": loss,
                 "learning_rate": scheduler.get_last_lr()[0], "tokens_per_s": tokens / elapsed,
@@ -131,7 +142,10 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             if at_checkpoint or evaluating or step % cfg.report_every == 0:
                 summary["history"].append(metrics)
                 log(rank, format_metrics(metrics, total_steps))
-                report_to_ray(metrics, model, optimizer, scheduler, position, rank, at_checkpoint, summary if finished else None)
+                report_to_ray(
+                    metrics, model, optimizer, scheduler, position, rank, at_checkpoint, summary if finished else None,
+                    snapshots,
+                )
                 startup.clear()
             if step == stop:
                 break
@@ -139,7 +153,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             position = ckpt.Position(position.step, position.epoch + 1, 0)
     if position.step == total_steps and not evaluated_at_end:  # resumed a run that had already finished
         metrics = {"step": position.step, **run_evaluation(*evaluation, position.step)}
-        report_to_ray(metrics, model, optimizer, scheduler, position, rank, True, summary)
+        report_to_ray(metrics, model, optimizer, scheduler, position, rank, True, summary, snapshots)
     return summary
 
 
@@ -201,39 +215,51 @@ def run_evaluation(
     model: Any, tokenizer: Any, eval_sets: list[tuple[str, list[dict]]], cfg: TrialConfig, rank: int, world: int,
     summary: dict[str, Any], autocast: Callable[[], contextlib.AbstractContextManager], step: int,
 ) -> dict[str, float]:
-    """Accuracy per benchmark and their average, in the trial's precision; on rank 0, or on every worker's share
-    when sharded."""
+    """Accuracy per benchmark and their average (under the text protocol also accuracy_norm), in the trial's
+    precision; on rank 0, or on every worker's share when sharded. Every evaluation's predictions are kept, with its
+    step, for paired tests."""
     results: dict[str, float] = {}
     predictions = []
     for name, rows in eval_sets:
+        run = functools.partial(
+            evaluate, model, tokenizer, name, rows, cfg.eval_mode, cfg.max_new_tokens, cfg.eval_batch_size,
+            protocol=cfg.protocol,
+        )
         if cfg.eval_sharded and world > 1:
             with autocast():
-                mine = evaluate(model, tokenizer, name, rows, cfg.eval_mode, cfg.max_new_tokens, cfg.eval_batch_size, shard=(rank, world), progress=rank == 0)
+                mine = run(shard=(rank, world), progress=rank == 0)
             gathered: list[Any] = [None] * world
             dist.all_gather_object(gathered, mine)
             found = sorted((p for part in gathered for p in part), key=lambda p: p.index)
         elif rank == 0:
             with autocast():
-                found = evaluate(model, tokenizer, name, rows, cfg.eval_mode, cfg.max_new_tokens, cfg.eval_batch_size, progress=True)
+                found = run(progress=True)
         else:
             continue
         results[f"accuracy/{name}"] = accuracy(found)
+        if cfg.protocol == "text":
+            results[f"accuracy_norm/{name}"] = accuracy(found, norm=True)
         predictions.extend(found)
     if results:
-        results["accuracy/average"] = sum(results.values()) / len(results)
+        for kind in ("accuracy", "accuracy_norm"):
+            values = [v for k, v in results.items() if k.startswith(f"{kind}/")]
+            if values:
+                results[f"{kind}/average"] = sum(values) / len(values)
         summary["evaluations"].append({"step": step, **results})
-        summary["predictions"] = [vars(p) for p in predictions]
+        summary["predictions"].extend({"step": step, **vars(p)} for p in predictions)
     return results
 
 
 def report_to_ray(
     metrics: dict[str, Any], model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
     position: ckpt.Position, rank: int, checkpoint: bool, final: Optional[dict[str, Any]] = None,
+    snapshots: Optional[SnapshotRecorder] = None,
 ) -> None:
     """Report to Ray Train: every worker calls it (it is a barrier); with a checkpoint, each adds its own part.
 
-    The final checkpoint also keeps the evaluation's predictions and the run's summary (parameter counts, reported
-    metrics, evaluations), so they persist wherever the storage path is.
+    The final checkpoint also keeps the evaluations' predictions and the run's summary (parameter counts, reported
+    metrics, evaluations), and every checkpoint the adapter's snapshots so far, so they persist wherever the storage
+    path is.
     """
     if not checkpoint:
         ray.train.report(metrics)
@@ -249,6 +275,8 @@ def report_to_ray(
                 (folder / "predictions.json").write_text(json.dumps(final["predictions"], indent=1))
                 record = {k: v for k, v in final.items() if k != "predictions"}
                 (folder / "summary.json").write_text(json.dumps(record, indent=1))
+            if snapshots:
+                snapshots.save(folder / SNAPSHOTS)
         ray.train.report(
             metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
             checkpoint_dir_name=f"checkpoint_{position.step:06d}",

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import ray
 
-from .config import DTYPES, EVAL_MODES, TrialConfig, comma_list, field_type
+from .config import DTYPES, EVAL_MODES, PROTOCOLS, TrialConfig, comma_list, field_type
 
 if TYPE_CHECKING:
     import numpy as np
@@ -71,13 +71,16 @@ def check_config(config: TrialConfig) -> None:
     from .models import check_model_name
 
     check_model_name(config.model)
+    if not config.datasets:
+        raise ValueError("no training data set given: name at least one source")
     config.peft_config(total_steps=2)
     check_choice("eval_mode", config.eval_mode, EVAL_MODES)
     check_choice("dtype", config.dtype, DTYPES)
+    check_choice("protocol", config.protocol, PROTOCOLS)
     check_non_negative("num_workers", config.num_workers, "in this process")
     for name in ("batch_size", "micro_batch_size", "epochs", "report_every", "cutoff_len"):
         check_positive(name, getattr(config, name))
-    for name in ("max_steps", "stop_after_step", "checkpoint_every", "eval_every", "eval_limit"):
+    for name in ("max_steps", "stop_after_step", "checkpoint_every", "eval_every", "eval_limit", "snapshot_every"):
         if getattr(config, name) is not None:
             check_positive(name, getattr(config, name))
     check_fraction(config.data_fraction)

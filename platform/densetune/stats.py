@@ -1,0 +1,73 @@
+"""The few statistics a sweep's report rests on: an interval over seeds, a paired test on the same questions, a
+correction for testing many pairs at once, and the baseline of always giving the most frequent answer."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from scipy import stats
+
+
+def mean_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """The mean of `values` and the half-width of its Student-t interval (n - 1 degrees of freedom); one value has no
+    interval, its half-width is nan."""
+    data = np.asarray(values, dtype=float)
+    if data.size == 0:
+        raise ValueError("mean_interval needs at least one value")
+    mean = float(data.mean())
+    if data.size == 1:
+        return mean, math.nan
+    quantile = stats.t.ppf((1 + confidence) / 2, data.size - 1)
+    return mean, float(quantile * data.std(ddof=1) / math.sqrt(data.size))
+
+
+@dataclass(frozen=True)
+class McNemar:
+    """Paired correctness of two evaluations of the same questions: how many each got right alone, and the p-value."""
+
+    n: int
+    both: int
+    a_only: int
+    b_only: int
+    neither: int
+    p: float
+
+
+def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> McNemar:
+    """Exact two-sided McNemar test: `a[i]` and `b[i]` say whether each evaluation answered question i correctly.
+
+    Only the discordant questions carry information; under no difference each is equally likely to favour a or b, so
+    the smaller count is binomial(a_only + b_only, 1/2).
+    """
+    if len(a) != len(b):
+        raise ValueError(f"McNemar needs the same questions in both evaluations: {len(a)} answers against {len(b)}")
+    pairs = Counter(zip(map(bool, a), map(bool, b)))
+    a_only, b_only = pairs[True, False], pairs[False, True]
+    discordant = a_only + b_only
+    p = 1.0 if discordant == 0 else min(1.0, 2 * float(stats.binom.cdf(min(a_only, b_only), discordant, 0.5)))
+    return McNemar(len(a), pairs[True, True], a_only, b_only, pairs[False, False], p)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the order given: the i-th smallest is multiplied by (m - i + 1), then made
+    non-decreasing in that order and capped at 1, so that comparing each with 0.05 controls the family-wise error."""
+    order = np.argsort(pvalues, kind="stable")
+    m = len(order)
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * float(pvalues[index])))
+        adjusted[index] = running
+    return adjusted
+
+
+def majority_baseline(golds: Sequence[str]) -> tuple[str, float]:
+    """The most frequent gold answer (the first met among equals) and its share: the accuracy of always answering it."""
+    if not golds:
+        raise ValueError("majority_baseline needs at least one gold answer")
+    answer, count = Counter(golds).most_common(1)[0]
+    return answer, count / len(golds)

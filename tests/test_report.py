@@ -1,0 +1,264 @@
+"""densetune.report on a real MLflow sqlite store, written in the tracking schema with numbers chosen by hand.
+
+Sweep "methods": DenseLoRA and LoRA x seeds 1, 2, 3, and one FAILED LoRA trial. Every trial answers the same 50
+questions (2 benchmarks x 25); before training the first 10 of each benchmark are right, after it the first k, with k
+per trial below: DenseLoRA gains far beyond chance, LoRA hardly moves.
+"""
+
+import csv
+import json
+import math
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from safetensors.torch import save_file
+
+from densetune import report
+from densetune.stats import mcnemar
+from densetune.tracking import ROLE, STUDY, SWEEP, TRIAL_ID
+
+T_975_2 = 4.302652729749464  # Student t, 97.5 % quantile, 2 degrees of freedom (a t table's 4.303)
+QUESTIONS = 25
+BENCHMARKS = ("arc", "boolq")
+# (method, seed) -> right answers after training, per benchmark
+TRAINED = {
+    ("denselora", 1): (22, 21), ("denselora", 2): (23, 22), ("denselora", 3): (21, 23),
+    ("lora", 1): (11, 10), ("lora", 2): (10, 12), ("lora", 3): (13, 12),
+}
+UNTUNED = 10
+PARAMS = {"denselora": 1_000, "lora": 30_000}
+
+
+def gold(benchmark: str, index: int) -> str:
+    # arc: answer1 for 12 of 25 (48 %); boolq: true for 15 of 25 (60 %)
+    if benchmark == "boolq":
+        return "true" if index < 15 else "false"
+    return "answer1" if index < 12 else ("answer2" if index < 20 else "answer3")
+
+
+def predictions(step: int, right: dict[str, int]) -> list[dict]:
+    return [
+        {"benchmark": b, "index": 100 + i, "step": step, "output": "", "extracted": "", "gold": gold(b, i),
+         "correct": i < right[b], "correct_norm": None}
+        for b in BENCHMARKS for i in range(QUESTIONS)
+    ]
+
+
+def accuracy_metrics(step: int, right: dict[str, int], family: str = "accuracy") -> list[Metric]:
+    values = {b: right[b] / QUESTIONS for b in BENCHMARKS}
+    values["average"] = sum(values.values()) / len(values)
+    return [Metric(f"{family}/{name}", value, 0, step) for name, value in values.items()]
+
+
+class Store:
+    def __init__(self, folder: Path):
+        self.uri = "sqlite:///" + str(folder / "mlflow.db")
+        self.client = MlflowClient(self.uri)
+        self.folder = folder
+        self.experiment = self.client.create_experiment("comparison", artifact_location=str(folder / "artifacts"))
+
+    def parent(self, sweep: str, space: dict, **params: str) -> str:
+        run_id = self.client.create_run(self.experiment, run_name=sweep,
+                                        tags={ROLE: "sweep", SWEEP: sweep, STUDY: "comparison"}).info.run_id
+        values = {"space": json.dumps(space), "search": "grid", "model": "tiny-llama", "datasets": "arc,boolq",
+                  **params}
+        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in values.items()])
+        self.client.set_terminated(run_id)
+        return run_id
+
+    def trial(self, sweep: str, parent: str, trial_id: str, params: dict, metrics: list[Metric],
+              records: list[dict] | None, status: str = "FINISHED", snapshots: dict | None = None) -> str:
+        run_id = self.client.create_run(self.experiment, run_name=trial_id, tags={
+            ROLE: "trial", SWEEP: sweep, STUDY: "comparison", TRIAL_ID: trial_id, MLFLOW_PARENT_RUN_ID: parent,
+        }).info.run_id
+        self.client.log_batch(run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
+        if records is not None:
+            path = self.folder / "tmp" / trial_id / "predictions.json"
+            path.parent.mkdir(parents=True)
+            path.write_text(json.dumps(records))
+            self.client.log_artifact(run_id, str(path))
+        if snapshots is not None:
+            path = self.folder / "tmp" / trial_id / "snapshots.safetensors"
+            save_file(snapshots, str(path))
+            self.client.log_artifact(run_id, str(path))
+        self.client.set_terminated(run_id, status)
+        return run_id
+
+
+def trial_params(method: str, seed: int, **extra) -> dict:
+    return {"method": method, "variant": "denselora", "rank": 8, "alpha": 16, "targets": "q,k,v,up,down",
+            "data_fraction": 1.0, "seed": seed, "eval_limit": QUESTIONS, "max_steps": 20, "protocol": "label",
+            "trainable_params": PARAMS[method], "total_params": 1_000_000, "trainable_pct": PARAMS[method] / 1e4,
+            "total_steps": 20, **extra}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Store:
+    store = Store(tmp_path_factory.mktemp("store"))
+    parent = store.parent("methods", {"method": ["denselora", "lora"], "seed": [1, 2, 3]},
+                          folder=str(store.folder / "methods"))
+    untuned = {b: UNTUNED for b in BENCHMARKS}
+    for number, ((method, seed), counts) in enumerate(TRAINED.items()):
+        trained = dict(zip(BENCHMARKS, counts))
+        metrics = [*accuracy_metrics(0, untuned), *accuracy_metrics(20, trained),
+                   *(Metric("loss", 2.0 - step / 20, 0, step) for step in (5, 10, 15, 20)),
+                   Metric("wall_time_s", 30.0, 0, 20)]
+        store.trial("methods", parent, f"t{number}", trial_params(method, seed), metrics,
+                    predictions(0, untuned) + predictions(20, trained))
+    # failed after its first evaluation, with an absurd number that must not reach any statistic
+    store.trial("methods", parent, "t9", trial_params("lora", 1),
+                [*accuracy_metrics(0, untuned), *accuracy_metrics(5, {b: 0 for b in BENCHMARKS})], None, "FAILED")
+    return store
+
+
+@pytest.fixture(scope="module")
+def written(store) -> Path:
+    return report.write_report("methods", store.uri)
+
+
+def rows(path: Path) -> list[dict]:
+    with path.open() as stream:
+        return list(csv.DictReader(stream))
+
+
+def hand_interval(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), T_975_2 * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def shown(mean: float, half_width: float) -> str:
+    return f"{100 * mean:.1f} ± {100 * half_width:.1f}"
+
+
+def test_files_are_written_into_the_sweep_folder(store, written):
+    assert written == store.folder / "methods" / "report.md"
+    for name in ("report.md", "trials.csv", "pairs.csv", "pareto.png", "loss.png"):
+        assert (written.parent / name).stat().st_size > 0, name
+
+
+def test_configurations_table_holds_hand_computed_means_and_intervals(written):
+    text = written.read_text()
+    for method in ("denselora", "lora"):
+        averages = [sum(TRAINED[method, seed]) / (2 * QUESTIONS) for seed in (1, 2, 3)]
+        untuned = UNTUNED / QUESTIONS
+        mean, half_width = hand_interval(averages)
+        gain_mean, gain_half_width = hand_interval([a - untuned for a in averages])
+        arc = hand_interval([TRAINED[method, seed][0] / QUESTIONS for seed in (1, 2, 3)])
+        line_average = next(line for line in text.splitlines() if line.startswith(f"| method={method} | average |"))
+        line_arc = next(line for line in text.splitlines() if line.startswith(f"| method={method} | arc |"))
+        # seeds, trainable params, untuned, trained, gain, majority baseline (the mean of 48 % and 60 %)
+        assert f"| 3 | {PARAMS[method]:,} |" in line_average
+        assert f"| 40.0 | {shown(mean, half_width)} | {shown(gain_mean, gain_half_width)} | 54.0 |" in line_average
+        assert f"| {shown(*arc)} |" in line_arc and line_arc.endswith("| 48.0 (answer1) |")
+    assert shown(*hand_interval([0.86, 0.90, 0.88])) == "88.0 ± 5.0"  # the DenseLoRA row, worked out on paper
+
+
+def test_failed_trial_is_listed_but_left_out(written):
+    text = written.read_text()
+    assert "| t9 | FAILED |" in text and "1 trial(s) did not finish" in text
+    assert "- trials: 6 FINISHED, 1 FAILED" in text
+    trials = {row["trial_id"]: row for row in rows(written.parent / "trials.csv")}
+    assert trials["t9"]["status"] == "FAILED" and float(trials["t9"]["untuned_accuracy/average"]) == 0.4
+    assert all("t9" not in (row["trial_a"], row["trial_b"]) for row in rows(written.parent / "pairs.csv"))
+    assert "| t9 |" not in text.split("## Configurations")[1]
+
+
+def test_pairs_csv_holds_mcnemar_of_the_final_answers(written):
+    pairs = rows(written.parent / "pairs.csv")
+    assert len(pairs) == 15  # every two of the six finished trials
+    ids = {f"t{n}": key for n, key in enumerate(TRAINED)}
+    for pair in pairs:
+        (method_a, seed_a), (method_b, seed_b) = ids[pair["trial_a"]], ids[pair["trial_b"]]
+        right_a = [r["correct"] for r in predictions(20, dict(zip(BENCHMARKS, TRAINED[method_a, seed_a])))]
+        right_b = [r["correct"] for r in predictions(20, dict(zip(BENCHMARKS, TRAINED[method_b, seed_b])))]
+        expected = mcnemar(right_a, right_b)
+        assert float(pair["p"]) == pytest.approx(expected.p, rel=1e-9)
+        assert (int(pair["a_only"]), int(pair["b_only"])) == (expected.a_only, expected.b_only)
+        assert (pair["same_seed"] == "True") == (seed_a == seed_b)
+        tested = seed_a == seed_b and method_a != method_b
+        assert (pair["verdict"] != "") == tested
+        if tested:  # DenseLoRA (fewer parameters, listed first) is right on 22 more questions: p tiny
+            assert (method_a, pair["verdict"]) == ("denselora", "A better")
+            # right only with DenseLoRA, pooled: 22, 23, 19 for seeds 1, 2, 3; p = 2 / 2^k, Holm multiplies the
+            # smallest (seed 2) by 3, the next (seed 1) by 2, the largest (seed 3) by 1
+            k, factor = {1: (22, 2), 2: (23, 3), 3: (19, 1)}[seed_a]
+            assert int(pair["a_only"]) == k and float(pair["p"]) == 2 / 2**k
+            assert float(pair["p_holm"]) == pytest.approx(factor * 2 / 2**k, rel=1e-12)
+
+
+def test_before_after_verdicts_follow_holm(written):
+    section = written.read_text().split("## Before vs after training")[1].split("## Pairs")[0]
+    lines = [line for line in section.splitlines() if re.match(r"\| t\d ", line)]
+    assert len(lines) == 6
+    for line in lines:
+        method = "denselora" if "method=denselora" in line else "lora"
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        p, adjusted, verdict = float(cells[-3]), float(cells[-2]), cells[-1]
+        assert adjusted >= p
+        assert verdict == ("better" if adjusted < 0.05 else "no difference shown")
+        assert verdict == ("better" if method == "denselora" else "no difference shown")
+
+
+def test_absent_dimensions_give_notes(written):
+    text = written.read_text()
+    assert "`rank.png`: not drawn" in text and "`data_fraction.png`: not drawn" in text
+    assert "targets takes fewer than 2 values" in text and "variant takes fewer than 2 values" in text
+    assert not (written.parent / "rank.png").exists()
+    assert "increment heat maps: not drawn, no finished trial logged `snapshots.safetensors`" in text
+    assert "![" in text and "(pareto.png)" in text and "(loss.png)" in text
+    # the front: DenseLoRA is smaller and better, so LoRA is not on it
+    front = text.split("The Pareto front")[1].split("##")[0]
+    assert "method=denselora" in front and "method=lora" not in front
+
+
+def test_files_are_logged_to_the_sweep_run(store, written):
+    query = "tags.sweep = 'methods' and tags.`densetune.role` = 'sweep'"
+    parent = store.client.search_runs([store.experiment], query)[0]
+    logged = {Path(a.path).name for a in store.client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report.md", "trials.csv", "pairs.csv", "pareto.png", "loss.png"} <= logged
+
+
+def test_rank_sweep_with_one_seed_and_the_text_protocol(store, tmp_path):
+    parent = store.parent("ranks", {"rank": [8, 32]})
+    # DenseLoRA's M of one layer before and after training, as densetune.increments records it
+    generator = torch.Generator().manual_seed(0)
+    snapshots = {f"step{step}/model.layers.0.self_attn.q_proj/M": torch.rand(8, 8, generator=generator)
+                 for step in (0, 20)}
+    for number, rank in enumerate((8, 32)):
+        right = {b: 12 + number for b in BENCHMARKS}
+        metrics = [*accuracy_metrics(20, right), *accuracy_metrics(20, right, "accuracy_norm"),
+                   Metric("loss", 1.0, 0, 20)]
+        store.trial("ranks", parent, f"r{number}",
+                    trial_params("denselora", 1, rank=rank, protocol="text", trainable_params=1000 * (1 + number)),
+                    metrics, predictions(20, right) if number == 0 else None,
+                    snapshots=snapshots if number == 0 else None)
+    path = report.write_report("ranks", store.uri, study="comparison", out=tmp_path)
+    text = path.read_text()
+    assert (tmp_path / "rank.png").exists() and "(rank.png)" in text
+    assert "protocol: text" in text and "trained (norm)" in text and "average (norm)" in text
+    assert "| 48.0 ± n/a |" in text  # one seed: no interval
+    assert "No finished trial has predictions from an evaluation at step 0" in text
+    assert "No two finished trials share a seed" in text
+    assert (tmp_path / "r0_increments.png").exists() and "(r0_increments.png)" in text
+    logged = {Path(a.path).name for a in store.client.list_artifacts(parent, "report")}
+    assert {"report.md", "rank.png", "r0_increments.png"} <= logged
+
+
+def test_empty_sweep_and_missing_folder(store, tmp_path):
+    store.parent("empty", {"rank": [8]})
+    with pytest.raises(ValueError, match="pass --out"):
+        report.write_report("empty", store.uri)
+    text = report.write_report("empty", store.uri, out=tmp_path).read_text()
+    assert "The sweep has no trials." in text and (tmp_path / "trials.csv").exists()
+
+
+def test_cli_unknown_sweep_and_success(store, tmp_path, capsys):
+    assert report.main(["nosuch", "--tracking-uri", store.uri]) == 2
+    assert capsys.readouterr().err.strip() == f"error: no sweep 'nosuch' in tracking store {store.uri}"
+    assert report.main(["methods", "--tracking-uri", store.uri, "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "report.md")
