@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from densetune.experiment import main, parser, sweep_config
-from densetune.sweep import check_sweep
+from densetune.sweep import check_sweep, tune_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = sorted(p for p in (ROOT / "experiments").glob("*_*.py") if p.name != "parameter_budget.py")
@@ -25,9 +25,9 @@ def load(path: Path):
     return module
 
 
-def test_the_five_studies_exist():
+def test_the_six_studies_exist():
     assert [p.stem for p in STUDIES] == [
-        "data_fraction_sweep", "method_comparison", "module_sweep", "rank_sweep", "variant_ablation",
+        "data_fraction_sweep", "method_comparison", "module_sweep", "pareto_search", "rank_sweep", "variant_ablation",
     ]
 
 
@@ -90,13 +90,51 @@ def test_flags_set_the_space_and_the_trial_with_their_types():
         (["--set", "nope=1"], "error: unknown trial setting 'nope'; allowed: "),
         (["--set", "lr"], "error: --set 'lr': write SETTING=VALUE"),
         (["--smoke", "--space", "method=denselora,lorax"], "error: method must be one of "),
+        (["--seeds", "0"], "error: --seeds must be a positive integer; got 0"),
+        (["--seeds", "2", "--space", "seed=1,2"], "error: --seeds and --space seed=... both set the seeds"),
+        (["--seeds", "2", "--search", "random"], "error: --seeds repeats the configurations of a grid; random search"),
+        (["--metric", "accuracy/average,trainable_params"], "error: give one mode per metric: metrics ['accuracy/"),
+        (["--metric", "a,b", "--mode", "max,min"], "error: several metrics (a, b) need search 'optuna'"),
+        (["--metric", "a,b", "--mode", "max,most", "--search", "optuna"], "error: mode must be one of "),
+        (["--protocol", "words"], None),  # argparse's own choices: exit 2 with usage
     ],
 )
 def test_bad_flags_are_one_line_and_exit_2(capsys, argv, message):
     study = load(ROOT / "experiments" / "rank_sweep.py").STUDY
+    if message is None:
+        with pytest.raises(SystemExit) as exit:
+            main(study, "", argv)
+        assert exit.value.code == 2 and "argument --protocol: invalid choice: 'words'" in capsys.readouterr().err
+        return
     assert main(study, "", argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_seeds_repeat_every_configuration_and_the_protocol_flag_sets_the_trials():
+    study = load(ROOT / "experiments" / "rank_sweep.py").STUDY
+    sweep = sweep_config(study, parser(study, "").parse_args(["--seeds", "3", "--protocol", "label"]))
+    assert sweep.space == {"rank": [8, 32, 128], "seed": [42, 43, 44]}
+    assert sweep.trial.protocol == "label" and sweep.search == "grid"
+
+
+def test_the_default_study_learns_on_real_questions_evaluated_before_and_after():
+    study = load(ROOT / "experiments" / "rank_sweep.py").STUDY
+    trial = sweep_config(study, parser(study, "").parse_args([])).trial
+    assert (trial.model, trial.datasets, trial.protocol) == ("smollm2-135m", ["ARC-Easy"], "text")
+    assert trial.eval_at_start and trial.eval_limit == 200
+
+
+def test_the_pareto_search_asks_optuna_for_two_objectives_and_asha_prunes_on_accuracy():
+    study = load(ROOT / "experiments" / "pareto_search.py").STUDY
+    sweep = sweep_config(study, parser(study, "").parse_args(["--smoke"]))
+    assert (sweep.search, sweep.scheduler, sweep.num_samples) == ("optuna", "asha", 12)
+    assert (sweep.metric, sweep.mode) == (["accuracy/average", "trainable_params"], ["max", "min"])
+    config = tune_config(sweep, concurrent=1)
+    assert (config.metric, config.mode) == (None, None)  # the searcher and the scheduler hold their own
+    assert (config.search_alg.metric, config.search_alg.mode) == (sweep.metric, sweep.mode)
+    assert (config.scheduler._metric, config.scheduler._mode) == ("accuracy/average", "max")  # ASHA has no getter
+    assert sweep.trial.eval_every == 20  # ASHA compares accuracies, which trials report when they evaluate
 
 
 def finished_trials(uri: str) -> list:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import densemod
 from densetune.config import TrialConfig
 from densetune.experiment import LOCAL, SMOKE
-from densetune.sweep import SweepConfig, run_sweep
+from densetune.sweep import OptunaOnEvaluations, SweepConfig, run_sweep
 from densetune.tracking import sweep_runs
 
 # The --smoke settings of experiments/: what a user runs first, so it is what the tests run.
@@ -106,14 +106,26 @@ def test_asha_stops_the_worse_trial_and_its_run_ends_killed(local_ray, tmp_path)
     assert parents[0].info.status == "FINISHED"
 
 
-def test_optuna_draws_the_trials_from_the_listed_values(local_ray, tmp_path):
-    space = {"lr": [1e-4, 1e-3, 1e-2], "seed": [1, 2]}
-    result = run_sweep(SweepConfig("optuna_study", space, trial(tmp_path), name="o", search="optuna", num_samples=2))
+def test_optuna_searches_two_objectives_from_the_listed_values(local_ray, tmp_path):
+    space = {"rank": [2, 4, 8], "seed": [1, 2]}
+    sweep = SweepConfig(
+        "optuna_study", space, trial(tmp_path), name="o", search="optuna", num_samples=2,
+        metric=["accuracy/average", "trainable_params"], mode=["max", "min"],
+    )
+    result = run_sweep(sweep)
 
     trials = result.trials
     assert len(trials) == 2 and set(trials["status"]) == {"FINISHED"}
-    assert set(trials["lr"]) <= {1e-4, 1e-3, 1e-2} and set(trials["seed"]) <= {1, 2}
-    assert trials["accuracy/average"].notna().all()  # what Optuna was told to maximise
+    assert set(trials["rank"]) <= {2, 4, 8} and set(trials["seed"]) <= {1, 2}
+    # Optuna's own record: each trial told as (accuracy, trainable parameters), in the two directions asked for
+    searcher = OptunaOnEvaluations()
+    searcher.restore_from_dir(result.path)
+    study = searcher._ot_study
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    told = sorted(tuple(t.values) for t in study.trials)
+    assert told == sorted(zip(trials["accuracy/average"], trials["trainable_params"].astype(float)))
+    parent = MlflowClient(result.tracking_uri).get_run(result.run_id).data.params
+    assert (parent["metric"], parent["mode"]) == ("accuracy/average,trainable_params", "max,min")
 
 
 def model_without_weights(folder: Path) -> str:

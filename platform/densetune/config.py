@@ -9,7 +9,7 @@ import functools
 import json
 import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 if TYPE_CHECKING:
     from peft import PeftConfig
@@ -109,8 +109,11 @@ class SweepConfig:
     search: str = "grid"  # grid: every combination; random: num_samples draws; optuna: Bayesian, num_samples trials
     num_samples: int = 1  # grid: passes over the grid (with different seeds only if seed is searched)
     scheduler: str = "fifo"  # asha: stop the worse trials early, at steps grace_period, 2x, 4x, ...
-    metric: str = "accuracy/average"  # what optuna and asha compare; ASHA sees it only where a trial reports it
-    mode: str = "max"
+    # what optuna and asha compare; ASHA sees it only where a trial reports it. A list (with a list of modes) asks optuna
+    # for a multi-objective search, e.g. ["accuracy/average", "trainable_params"], ["max", "min"]: ASHA then compares
+    # the first objective.
+    metric: Union[str, list[str]] = "accuracy/average"
+    mode: Union[str, list[str]] = "max"
     grace_period: int = 10
     max_concurrent: int = 0  # 0: as many trials at once as the cluster's nodes fit (no limit on an autoscaling cluster)
     name: Optional[str] = None  # the sweep's folder and MLflow name; None: <study>-<time>

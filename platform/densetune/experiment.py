@@ -47,6 +47,7 @@ class Study:
     space: dict[str, list]  # searched settings -> values
     trial: dict[str, Any] = field(default_factory=dict)  # the study's own fixed settings, over LOCAL
     columns: tuple[str, ...] = ("trainable_params",)  # besides the searched settings, in the summary table
+    sweep: dict[str, Any] = field(default_factory=dict)  # defaults of the sweep's own flags, e.g. search="optuna"
 
 
 def parser(study: Study, description: str) -> argparse.ArgumentParser:
@@ -63,11 +64,15 @@ def parser(study: Study, description: str) -> argparse.ArgumentParser:
                         f"this study searches {format_space(study.space)}")
     p.add_argument("--set", action="append", default=[], metavar="SETTING=VALUE",
                    help="any other trial setting, e.g. --set lr=1e-3 --set eval_limit=100 (repeatable)")
-    p.add_argument("--search", choices=SEARCHES, default="grid")
-    p.add_argument("--scheduler", choices=SCHEDULERS, default="fifo", help="asha: stop the worse trials early")
-    p.add_argument("--metric", default="accuracy/average", help="what optuna and asha compare (default: %(default)s)")
-    p.add_argument("--mode", choices=("max", "min"), default="max")
-    p.add_argument("--num-samples", type=int, default=1, help="grid: passes over the grid; random, optuna: trials")
+    p.add_argument("--search", choices=SEARCHES, default="grid", help="(default: %(default)s)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="fifo",
+                   help="asha: stop the worse trials early (default: %(default)s)")
+    p.add_argument("--metric", type=comma_list, default="accuracy/average",
+                   help="what optuna and asha compare; several, comma-separated, for a multi-objective optuna search, "
+                        "e.g. accuracy/average,trainable_params (default: accuracy/average)")
+    p.add_argument("--mode", type=comma_list, default="max", help="max or min, one per metric (default: max)")
+    p.add_argument("--num-samples", type=int, default=1,
+                   help="grid: passes over the grid; random, optuna: trials (default: %(default)s)")
     p.add_argument("--max-steps", type=int, help="optimizer steps per trial")
     p.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial (default 1)")
     p.add_argument("--cpus-per-worker", type=float)
@@ -81,6 +86,7 @@ def parser(study: Study, description: str) -> argparse.ArgumentParser:
     p.add_argument("--name", help="the sweep's name (default: <study>-<time>); with --resume, the sweep to continue")
     p.add_argument("--resume", action="store_true", help="continue the sweep --name after its driver stopped")
     p.add_argument("--smoke", action="store_true", help="the same study in minutes: tiny random model, a few steps")
+    p.set_defaults(**study.sweep)
     return p
 
 
@@ -145,9 +151,14 @@ def sweep_config(study: Study, args: argparse.Namespace) -> SweepConfig:
         space["seed"] = seeds(args, space, settings.get("seed", TrialConfig.seed))
     return SweepConfig(
         study=study.name, space=space, trial=TrialConfig.from_dict(settings), search=args.search,
-        num_samples=args.num_samples, scheduler=args.scheduler, metric=args.metric, mode=args.mode,
+        num_samples=args.num_samples, scheduler=args.scheduler, metric=one_or_list(args.metric),
+        mode=one_or_list(args.mode),
         max_concurrent=args.max_concurrent, name=args.name, tracking_uri=args.tracking_uri, resume=args.resume,
     )
+
+
+def one_or_list(values: list[str]) -> Any:
+    return values[0] if len(values) == 1 else values
 
 
 def seeds(args: argparse.Namespace, space: dict[str, Any], first: int) -> list[int]:

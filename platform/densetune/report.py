@@ -495,9 +495,29 @@ def save(figure: Figure, path: Path) -> Path:
     return path
 
 
-def pareto_figure(points: pd.DataFrame, front: pd.DataFrame, metric: str, path: Path) -> Path:
+def baselines(record: SweepRecord, points: pd.DataFrame, metric: str) -> dict[str, float]:
+    """What a figure's accuracies are to be read against: the untuned model (its mean over the trials that evaluated it)
+    and always giving the majority answer (every trial answers the same questions)."""
+    lines = {}
+    if f"untuned_{metric}" in points and points[f"untuned_{metric}"].notna().any():
+        lines["untuned model"] = float(points[f"untuned_{metric}"].mean())
+    answers = next((record.answers[r] for r in points["run_id"] if r in record.answers), None)
+    if answers is not None and answers.trained:
+        lines["majority answer"] = majority(answers, AVERAGE)[1]
+    return lines
+
+
+def draw_baselines(axes: Any, lines: dict[str, float]) -> None:
+    for (label, value), style in zip(lines.items(), (":", "-.")):
+        axes.axhline(100 * value, color="grey", linestyle=style, linewidth=1, label=f"{label} ({100 * value:.1f})")
+
+
+def pareto_figure(
+    points: pd.DataFrame, front: pd.DataFrame, metric: str, path: Path, reference: dict[str, float]
+) -> Path:
     figure = Figure(figsize=(7, 4.5))
     axes = figure.subplots()
+    draw_baselines(axes, reference)
     for label, group in points.groupby("label"):
         axes.scatter(group["trainable_params"], 100 * group[f"trained_{metric}"], label=label, alpha=0.8)
     # The best mean accuracy reachable with at most x parameters, drawn on to the largest trial so that a front of
@@ -514,11 +534,14 @@ def pareto_figure(points: pd.DataFrame, front: pd.DataFrame, metric: str, path: 
     return save(figure, path)
 
 
-def dimension_figure(finished: pd.DataFrame, dimension: str, metric: str, path: Path, parameters: bool) -> Path:
-    """Accuracy (mean ± interval over the trials at each value) against `dimension`, one line per method; with
-    `parameters` also the trainable parameters, dashed, on a second axis."""
+def dimension_figure(
+    finished: pd.DataFrame, dimension: str, metric: str, path: Path, parameters: bool, reference: dict[str, float]
+) -> Path:
+    """Accuracy (mean ± interval over the trials at each value) against `dimension`, one line per method, with the
+    baselines; with `parameters` also the trainable parameters, dashed, on a second axis."""
     figure = Figure(figsize=(7, 4.5))
     axes = figure.subplots()
+    draw_baselines(axes, reference)
     sizes = axes.twinx() if parameters else None
     for label, group in finished.groupby("label"):
         values = sorted(group[dimension].unique())
@@ -561,16 +584,17 @@ def draw_figures(record: SweepRecord, folder: Path, downloads: Path) -> Figures:
     if f"trained_{metric}" not in finished:
         points = finished.iloc[:0]
     figures = Figures([], [], [])
-    pareto_part(points, metric, folder, figures)
+    reference = baselines(record, points, metric) if not points.empty else {}
+    pareto_part(points, metric, folder, figures, reference)
     for dimension, paper, parameters in (("rank", "Figure 4", True), ("data_fraction", "Figure 3", False)):
         name = f"{dimension}.png"
         if distinct(points, dimension) < 2:
             figures.notes.append(f"- `{name}`: not drawn, {dimension} takes fewer than 2 values among the finished "
                                  "trials with an accuracy.")
             continue
-        figures.paths.append(dimension_figure(points, dimension, metric, folder / name, parameters))
+        figures.paths.append(dimension_figure(points, dimension, metric, folder / name, parameters, reference))
         caption = (f"{metric} after training against {dimension} (the paper's {paper}), one line per method, mean "
-                   "± 95 % interval over the trials at each value")
+                   "± 95 % interval over the trials at each value; grey: the untuned model and the majority answer")
         caption += ", trainable parameters dashed" if parameters else ""
         figures.lines += figure_lines(name, caption)
     loss_part(record, folder, figures)
@@ -578,16 +602,18 @@ def draw_figures(record: SweepRecord, folder: Path, downloads: Path) -> Figures:
     return figures
 
 
-def pareto_part(points: pd.DataFrame, metric: str, folder: Path, figures: Figures) -> None:
+def pareto_part(
+    points: pd.DataFrame, metric: str, folder: Path, figures: Figures, reference: dict[str, float]
+) -> None:
     if points.empty:
         figures.notes.append("- `pareto.png`: not drawn, no finished trial has both an accuracy and a parameter count.")
         return
     front = pareto_front(configuration_means(points, metric))
-    figures.paths.append(pareto_figure(points, front, metric, folder / "pareto.png"))
+    figures.paths.append(pareto_figure(points, front, metric, folder / "pareto.png", reference))
     figures.lines += figure_lines(
         "pareto.png", f"{metric} after training against trainable parameters (log scale), one point per finished "
                       "trial coloured by method; the step line joins the configurations (means over seeds) that no "
-                      "smaller configuration beats",
+                      "smaller configuration beats; grey: the untuned model and the majority answer",
     )
     listed = pd.DataFrame({
         "configuration": front.index, "method": front["label"],

@@ -18,7 +18,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import pandas as pd
 import pyarrow.fs
@@ -131,13 +131,32 @@ def check_sweep(sweep: SweepConfig) -> None:
         raise ValueError("study must name the MLflow experiment; got an empty name")
     check_choice("search", sweep.search, SEARCHES)
     check_choice("scheduler", sweep.scheduler, SCHEDULERS)
-    check_choice("mode", sweep.mode, ("max", "min"))
+    check_objectives(sweep)
     check_positive("num_samples", sweep.num_samples)
     if sweep.trial.num_workers == 0:
         raise ValueError("num_workers 0 runs a trial in the process that starts it; a sweep's trials need num_workers >= 1")
     check_positive("grace_period", sweep.grace_period)
     check_non_negative("max_concurrent", sweep.max_concurrent, "as many as fit")
     check_space(sweep)
+
+
+def objectives(sweep: SweepConfig) -> list[tuple[str, str]]:
+    """(metric, mode) of each objective: one, or several for optuna's multi-objective search."""
+    return list(zip(as_list(sweep.metric), as_list(sweep.mode)))
+
+
+def as_list(value: Union[str, list[str]]) -> list[str]:
+    return value if isinstance(value, list) else [value]
+
+
+def check_objectives(sweep: SweepConfig) -> None:
+    metrics, modes = as_list(sweep.metric), as_list(sweep.mode)
+    if len(metrics) != len(modes) or not metrics:
+        raise ValueError(f"give one mode per metric: metrics {metrics}, modes {modes}")
+    for mode in modes:
+        check_choice("mode", mode, ("max", "min"))
+    if len(metrics) > 1 and sweep.search != "optuna":
+        raise ValueError(f"several metrics ({', '.join(metrics)}) need search 'optuna' (multi-objective); got {sweep.search!r}")
 
 
 def check_storage(path: str) -> None:
@@ -174,25 +193,40 @@ def trials_that_fit(config: TrialConfig, gpu: bool) -> Optional[int]:
 
 
 class OptunaOnEvaluations(OptunaSearch):
-    """Ray's Optuna searcher, shown a trial's intermediate results only where they hold the metric: trials report
-    accuracy when they evaluate, not with every loss."""
+    """Ray's Optuna searcher, shown a trial's results only where they hold every objective: trials report accuracy
+    when they evaluate, not with every loss. A trial that ends without them (stopped by ASHA between evaluations) is
+    told to Optuna as pruned."""
+
+    def _objectives(self) -> list[str]:
+        return self.metric if isinstance(self.metric, list) else [self.metric]
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        if self.metric in result:
+        if all(name in result for name in self._objectives()):
             super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict[str, Any]] = None, error: bool = False) -> None:
+        complete = result is not None and all(result.get(name) is not None for name in self._objectives())
+        super().on_trial_complete(trial_id, result if complete else None, error)
 
 
 def tune_config(sweep: SweepConfig, concurrent: Optional[int]) -> tune.TuneConfig:
+    goals = objectives(sweep)
+    several = len(goals) > 1
     scheduler = None
     if sweep.scheduler == "asha":
         # Time is the optimizer step, reported with every metric. Without max_steps the length of a trial is known only
         # to the trial: a bound that no trial reaches just adds rungs that are never used.
         max_t = sweep.trial.max_steps or 10**9
-        scheduler = ASHAScheduler(time_attr="step", max_t=max_t, grace_period=min(sweep.grace_period, max_t))
-    search_alg = OptunaOnEvaluations(seed=sweep.trial.seed) if sweep.search == "optuna" else None
+        # Several objectives: ASHA prunes on the first; the searcher gets them all (Tune's own metric must stay unset).
+        first = dict(zip(("metric", "mode"), goals[0])) if several else {}
+        scheduler = ASHAScheduler(time_attr="step", max_t=max_t, grace_period=min(sweep.grace_period, max_t), **first)
+    search_alg = None
+    if sweep.search == "optuna":
+        metrics = dict(metric=[m for m, _ in goals], mode=[m for _, m in goals]) if several else {}
+        search_alg = OptunaOnEvaluations(seed=sweep.trial.seed, **metrics)
     return tune.TuneConfig(
-        metric=sweep.metric, mode=sweep.mode, scheduler=scheduler, search_alg=search_alg,
-        num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent or concurrent,
+        metric=None if several else sweep.metric, mode=None if several else sweep.mode, scheduler=scheduler,
+        search_alg=search_alg, num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent or concurrent,
     )
 
 
@@ -271,7 +305,8 @@ def sweep_params(sweep: SweepConfig, folder: str) -> dict[str, str]:
     return {
         "space": json.dumps(space), "search": sweep.search, "num_samples": str(sweep.num_samples),
         "seeds": str(len(seeds) if isinstance(seeds, (list, tuple)) else 1), "folder": folder,
-        "scheduler": sweep.scheduler, "metric": sweep.metric, "mode": sweep.mode,
+        "scheduler": sweep.scheduler, "metric": ",".join(m for m, _ in objectives(sweep)),
+        "mode": ",".join(m for _, m in objectives(sweep)),
         "max_concurrent": str(sweep.max_concurrent), "model": sweep.trial.model,
         "datasets": ",".join(sweep.trial.datasets),
     }
