@@ -170,11 +170,17 @@ def test_a_sweep_resumes_after_its_driver_is_killed(tmp_path):
     resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "sweep killed (2 trials)" in resumed.stdout
+    # the study ends with its report, in the sweep's folder and on the sweep's run
+    report = tmp_path / "killed" / "report.md"
+    assert f"report (tables, paired tests, figures): {report}" in resumed.stdout
+    assert "| rank=4 |" in report.read_text() and "| rank=8 |" in report.read_text()
 
     client = MlflowClient(uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.sweep = 'killed'")
     children = [r for r in runs if r.data.tags["densetune.role"] == "trial"]
     assert sorted(r.info.status for r in runs) == ["FINISHED"] * 3
+    parent = next(r for r in runs if r.data.tags["densetune.role"] == "sweep")
+    assert "report.md" in {a.path.split("/")[-1] for a in client.list_artifacts(parent.info.run_id, "report")}
     assert sorted(int(r.data.params["rank"]) for r in children) == [4, 8]
     again = next(r for r in children if r.info.run_id == first[0].info.run_id)
     assert again.info.end_time == first[0].info.end_time  # not run again

@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import signal
+import time
 from pathlib import Path
 
 import peft
@@ -126,6 +128,46 @@ def test_optuna_searches_two_objectives_from_the_listed_values(local_ray, tmp_pa
     assert told == sorted(zip(trials["accuracy/average"], trials["trainable_params"].astype(float)))
     parent = MlflowClient(result.tracking_uri).get_run(result.run_id).data.params
     assert (parent["metric"], parent["mode"]) == ("accuracy/average,trainable_params", "max,min")
+
+
+def test_one_sweep_compares_the_two_protocols(local_ray, tmp_path):
+    result = run_sweep(SweepConfig("protocol_study", {"protocol": ["label", "text"]}, trial(tmp_path, max_steps=2), name="p"))
+
+    client, _, children = tracked(result.tracking_uri, "p")
+    by_protocol = {c.data.params["protocol"]: c for c in children}
+    assert {c.info.status for c in children} == {"FINISHED"} and set(by_protocol) == {"label", "text"}
+    # the text protocol also reports the length-normalised accuracy, before training (step 0) and after
+    text, label = by_protocol["text"], by_protocol["label"]
+    assert [m.step for m in client.get_metric_history(text.info.run_id, "accuracy_norm/average")] == [0, 2]
+    assert "accuracy_norm/average" not in label.data.metrics
+    for run, answers in ((label, "answer"), (text, None)):
+        path = client.download_artifacts(run.info.run_id, "predictions.json", str(tmp_path / run.info.run_id))
+        predictions = json.loads(Path(path).read_text())
+        assert {p["step"] for p in predictions} == {0, 2}  # the untuned model's answers, and the trained one's
+        labelled = all(p["output"].startswith("answer") for p in predictions)
+        assert labelled if answers else not labelled  # text: the options' own words, e.g. "yellow", "42"
+
+
+def test_a_trial_ends_even_when_the_driver_is_slow_to_read_its_results(local_ray, tmp_path, monkeypatch):
+    # A driver that takes a while over each result (a remote MLflow server, a busy machine) lets a trial's training
+    # function return before Tune has read its last report: Ray 2.60 then deadlocks unless the trial waits
+    # (sweep.wait_until_tune_has_read). Without that wait this sweep never ends; the alarm turns that into a failure.
+    from densetune.tracking import SweepTracker
+
+    logged = SweepTracker.on_trial_result
+
+    def slowly(self, *args, **kwargs):
+        time.sleep(2)
+        logged(self, *args, **kwargs)
+
+    monkeypatch.setattr(SweepTracker, "on_trial_result", slowly)
+    signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("the sweep did not end")))
+    signal.alarm(240)
+    try:
+        result = run_sweep(SweepConfig("slow", {"rank": [4]}, trial(tmp_path, max_steps=2, report_every=2), name="s"))
+    finally:
+        signal.alarm(0)
+    assert list(result.trials["status"]) == ["FINISHED"]
 
 
 def model_without_weights(folder: Path) -> str:

@@ -15,6 +15,7 @@ import dataclasses
 import itertools
 import json
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -71,7 +72,24 @@ def sweep_trial(params: dict[str, Any], data: dict[tuple, TrialData]) -> None:
     The Train run is named for the Tune trial, so a restored sweep resumes it from its last checkpoint.
     """
     config = dataclasses.replace(trial_config(params), name=tune.get_context().get_trial_id())
-    run_trial(config, callbacks=[TuneReportCallback()], data=data[data_source(config)])
+    forward = TuneReportCallback()
+    run_trial(config, callbacks=[forward], data=data[data_source(config)])
+    wait_until_tune_has_read(forward)
+
+
+def wait_until_tune_has_read(forward: TuneReportCallback, timeout_s: float = 600.0) -> None:
+    """Return only once Tune has taken the trial's last report from the callback's queue.
+
+    Ray 2.60 deadlocks otherwise: when the trainable returns, Tune puts its own end-of-trial result into the queue of
+    size 1 that its main thread reads; if the main thread then still has the callback's last report to move into that
+    queue, it blocks forever and the trial stays RUNNING (seen in a sweep whose driver was slow to ask for results). The
+    main thread takes the report out of the callback's queue a few milliseconds before it moves it on, hence the pause.
+    """
+    queue = forward._training_actor_item_queue  # the callback's own queue; Ray has no public handle on it
+    deadline = time.monotonic() + timeout_s
+    while not queue.empty() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
 
 
 def sweep_data(sweep: SweepConfig) -> dict[tuple, TrialData]:
