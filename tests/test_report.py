@@ -12,6 +12,7 @@ import re
 import statistics
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -262,3 +263,11 @@ def test_cli_unknown_sweep_and_success(store, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"error: no sweep 'nosuch' in tracking store {store.uri}"
     assert report.main(["methods", "--tracking-uri", store.uri, "--out", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "report.md")
+
+
+def test_a_variant_searched_as_a_method_is_its_own_configuration():
+    # A sweep's method "freeze" runs as method denselora with variant freeze: it must not merge with DenseLoRA.
+    freeze = pd.Series({"method": "denselora", "variant": "freeze", "rank": 8, "seed": 1})
+    plain = pd.Series({"method": "denselora", "variant": "denselora", "rank": 8, "seed": 1})
+    assert report.configuration(freeze, ["method", "rank"]) == "method=denselora/freeze rank=8"
+    assert report.configuration(plain, ["method", "rank"]) == "method=denselora rank=8"

@@ -187,7 +187,9 @@ def summary_table(result: SweepResult, study: Study, space: dict[str, Any]) -> s
         trials = over_seeds(trials, [k for k in space if k != "seed" and k in trials.columns], study.columns, accuracies)
         wanted = list(trials.columns)
     else:
-        wanted = [*space, *study.columns, *accuracies, "status"]
+        # a method searched may name a DenseLoRA variant (freeze), which runs as method denselora with that variant
+        variant = ["variant"] if "method" in space else []
+        wanted = [*space, *variant, *study.columns, *accuracies, "status"]
     columns = list(dict.fromkeys(c for c in wanted if c in trials.columns))
     table = trials[columns].sort_values(list(c for c in space if c in trials.columns), ignore_index=True)
     with pd.option_context("display.width", 200, "display.max_columns", 50, "display.float_format", "{:.4f}".format):

@@ -150,13 +150,15 @@ def top_share(increment: torch.Tensor, fraction: float = TOP_FRACTION) -> float:
     return (top.sum() / values.sum()).item()
 
 
-def increment_figures(snapshots: dict[str, torch.Tensor], folder: Path, prefix: str) -> list[Path]:
+def increment_figures(
+    snapshots: dict[str, torch.Tensor], folder: Path, prefix: str, label: Optional[str] = None
+) -> list[Path]:
     """Heat maps of the increments of up to three layers (first, middle, last) of one module kind, per method.
 
     One PNG per method present, `folder / f"{prefix}increments.png"`; when the snapshots hold two methods (merged
     runs), each file is named `f"{prefix}{method}_increments.png"` instead. DenseLoRA's row shows M per layer,
     LoRA's the A and B slices per layer, on one colour scale per figure. Returns [] when no matrix was recorded at
-    two steps or more.
+    two steps or more. `label` names the run's method in the title (DoRA's matrices are LoRA's A and B).
     """
     ends = _first_and_last(snapshots)
     methods: dict[str, list[str]] = defaultdict(list)
@@ -167,7 +169,8 @@ def increment_figures(snapshots: dict[str, torch.Tensor], folder: Path, prefix: 
         name = f"{prefix}increments.png" if len(methods) == 1 else f"{prefix}{method.lower()}_increments.png"
         layers = _representative(keys)
         panels = [key for key in sorted(keys, key=_matrix_order) if key.rpartition("/")[0] in layers]
-        paths.append(_draw(method, {key: ends[key] for key in panels}, folder / name))
+        title = label if label and len(methods) == 1 else method
+        paths.append(_draw(title, {key: ends[key] for key in panels}, folder / name))
     return paths
 
 
@@ -191,21 +194,28 @@ def _matrix_order(key: str) -> list:
 
 
 def _draw(method: str, panels: dict[str, tuple[int, torch.Tensor, int, torch.Tensor]], path: Path) -> Path:
+    """One row per matrix (M; or A and B), one column per layer, on one colour scale."""
     from matplotlib.figure import Figure  # not pyplot: no display backend on the machines runs report from
 
     moved = {key: (last - first).abs() for key, (_, first, _, last) in panels.items()}
     scale_max = max(increment.max().item() for increment in moved.values())
-    figure = Figure(figsize=(3.2 * len(panels), 3.6), layout="constrained")
-    axes = figure.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (key, increment) in zip(axes, moved.items()):
-        first_step, _, last_step, _ = panels[key]
-        image = ax.imshow(increment.numpy(), cmap="viridis", vmin=0.0, vmax=scale_max)
-        layer, _, matrix = key.rpartition("/")
-        ax.set_title(f"{layer}\n{_matrix_label(matrix)}: |step {last_step} - step {first_step}|", fontsize="small")
-        ax.set(xticks=[], yticks=[])
-        share = top_share(increment)
-        ax.set_xlabel(f"top {TOP_FRACTION:.0%} of entries hold\n{share:.0%} of the increment", fontsize="small")
-    figure.colorbar(image, ax=list(axes), label="|increment|", shrink=0.8)
+    matrices = sorted({key.rpartition("/")[2] for key in moved})
+    layers = sorted({key.rpartition("/")[0] for key in moved}, key=_natural_order)
+    figure = Figure(figsize=(3.2 * len(layers) + 1, 4.3 * len(matrices)), layout="constrained")
+    grid = figure.subplots(len(matrices), len(layers), squeeze=False)
+    for row, matrix in zip(grid, matrices):
+        for ax, layer in zip(row, layers):
+            key = f"{layer}/{matrix}"
+            if key not in moved:
+                ax.set_axis_off()
+                continue
+            first_step, _, last_step, _ = panels[key]
+            image = ax.imshow(moved[key].numpy(), cmap="viridis", vmin=0.0, vmax=scale_max)
+            ax.set_title(f"{layer}\n{_matrix_label(matrix)}: |step {last_step} - step {first_step}|", fontsize="small")
+            ax.set(xticks=[], yticks=[])
+            share = top_share(moved[key])
+            ax.set_xlabel(f"top {TOP_FRACTION:.0%} of entries hold\n{share:.0%} of the increment", fontsize="small")
+    figure.colorbar(image, ax=list(grid.flat), label="|increment|", shrink=0.8)
     figure.suptitle(f"{method}: increments of each entry during training")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)

@@ -45,16 +45,26 @@ Key = tuple[str, int]  # a question: (benchmark, its index in the benchmark's fu
 def plot_metric(
     trials: pd.DataFrame, tracking_uri: str, searched: Sequence[str], path: Path, metric: str = "loss"
 ) -> Path:
-    """`metric` against the optimizer step for every trial in `trials` (a sweep_runs frame), saved as a PNG."""
+    """`metric` against the optimizer step, one curve per configuration of `trials` (a sweep_runs frame; its searched
+    settings but the seed): the mean over its seeds with their range shaded, or the one trial's own curve."""
     client = MlflowClient(tracking_uri)
+    keys = [k for k in searched if k != "seed" and k in trials]
     figure = Figure(figsize=(7, 4.5))
     axes = figure.subplots()
-    for _, trial in trials.iterrows():
-        history = sorted((m.step, m.value) for m in client.get_metric_history(trial["run_id"], metric))
-        if history:
-            label = " ".join(f"{k}={trial[k]}" for k in searched if k in trial) or trial["trial_id"]
-            axes.plot(*zip(*history), marker=".", label=f"{label} ({trial['status'].lower()})")
-    axes.set(xlabel="optimizer step", ylabel=metric, title=f"{metric} of each trial")
+    for label, group in (trials.groupby(keys, sort=True) if keys else [((), trials)]):
+        curves = pd.DataFrame({
+            run_id: pd.Series({m.step: m.value for m in client.get_metric_history(run_id, metric)})
+            for run_id in group["run_id"]
+        }).sort_index().dropna()  # the steps every seed logged
+        if curves.empty:
+            continue
+        values = label if isinstance(label, tuple) else (label,)
+        name = " ".join(f"{k}={v}" for k, v in zip(keys, values)) or str(group["trial_id"].iloc[0])
+        line = axes.plot(curves.index, curves.mean(axis=1), marker=".", label=f"{name} ({len(group)} trials)")
+        if len(group) > 1:
+            axes.fill_between(curves.index, curves.min(axis=1), curves.max(axis=1), alpha=0.15,
+                              color=line[0].get_color())
+    axes.set(xlabel="optimizer step", ylabel=metric, title=f"{metric}: mean over seeds, their range shaded")
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     return save(figure, path)
@@ -151,8 +161,9 @@ def accuracy_metrics(trials: pd.DataFrame) -> list[str]:
 
 def configuration(trial: pd.Series, keys: Sequence[str]) -> str:
     """The trial's values of `keys` (the searched settings but the seed: trials that differ only by seed repeat one
-    configuration)."""
-    return " ".join(f"{k}={trial.get(k)}" for k in keys) or "all"
+    configuration). A searched method is written as its label: a sweep's "freeze" runs as method denselora with
+    variant freeze, and must not merge with plain DenseLoRA."""
+    return " ".join(f"{k}={method_label(trial) if k == 'method' else trial.get(k)}" for k in keys) or "all"
 
 
 def method_label(trial: pd.Series) -> str:
@@ -629,7 +640,10 @@ def loss_part(record: SweepRecord, folder: Path, figures: Figures) -> None:
         figures.notes.append("- `loss.png`: not drawn, no finished trial logged a loss.")
         return
     figures.paths.append(plot_metric(finished, record.tracking_uri, record.searched, folder / "loss.png"))
-    figures.lines += figure_lines("loss.png", "training loss against the optimizer step, one curve per finished trial")
+    figures.lines += figure_lines(
+        "loss.png", "training loss against the optimizer step, one curve per configuration: the mean over its finished "
+                    "trials (seeds), their range shaded",
+    )
 
 
 def increments_part(record: SweepRecord, folder: Path, downloads: Path, figures: Figures) -> None:
@@ -637,20 +651,33 @@ def increments_part(record: SweepRecord, folder: Path, downloads: Path, figures:
     if not record.snapshots:
         figures.notes.append(f"- increment heat maps: not drawn, no finished trial logged `{SNAPSHOTS}`.")
         return
-    try:
-        from .increments import increment_figures, load_snapshots  # torch, only when there is something to draw
-    except ImportError as error:
-        figures.notes.append(f"- increment heat maps: not drawn, densetune.increments cannot be loaded ({error}).")
-        return
+    from .increments import increment_figures, increments, load_snapshots, top_share  # torch: only when needed
+
     client = MlflowClient(record.tracking_uri)
-    ids = record.finished.set_index("run_id")["trial_id"]
+    trials = record.finished.set_index("run_id")
+    spread = []
     for run_id in record.snapshots:
+        trial = trials.loc[run_id]
         target = downloads / run_id
         target.mkdir(parents=True, exist_ok=True)
         snapshots = load_snapshots(client.download_artifacts(run_id, SNAPSHOTS, str(target)))
-        for path in increment_figures(snapshots, folder, f"{ids[run_id]}_"):
+        shares = [top_share(moved) for moved in increments(snapshots).values()]
+        if shares:
+            spread.append({"trial": trial["trial_id"], "method": trial["label"], "seed": trial["seed"],
+                           "matrices": len(shares), "median": percent(np.median(shares)),
+                           "range": f"{percent(min(shares))}–{percent(max(shares))}"})
+        for path in increment_figures(snapshots, folder, f"{trial['trial_id']}_", trial["label"]):
             figures.paths.append(path)
-            figures.lines += figure_lines(path.name, f"increments during training of trial {ids[run_id]}")
+            figures.lines += figure_lines(
+                path.name, f"how far each entry moved in training, trial {trial['trial_id']} "
+                           f"({trial['configuration']}, seed {trial['seed']})",
+            )
+    if spread:
+        figures.lines += [
+            "How evenly each trial's increments spread, over all its recorded matrices (every adapted layer's M, or "
+            "LoRA's A and B slices): the share (%) of a matrix's total increment held by its 10 % of entries that "
+            "moved most; 10 would be perfectly even.", "", *markdown_table(pd.DataFrame(spread)), "",
+        ]
 
 
 # Files
