@@ -1,0 +1,169 @@
+"""What an adapter costs to train and to run, DenseLoRA against LoRA, measured side by side in one run: the training
+step (the trainer's own: forward, backward, clipping, AdamW) in float32 and bfloat16 autocast, the training memory it
+adds, and the forward pass alone against LoRA unmerged and merged into the weights.
+
+    python bench/adapter_cost.py                       # SmolLM2-135M, r = 8, 32, 128: ~12 min on 2 CPU cores
+    python bench/adapter_cost.py --ranks 32 --steps 3  # shorter
+
+Step times are medians of steps taken in turn (LoRA, DenseLoRA, LoRA, ...), so a machine that slows down during the
+run slows both alike. Training memory is the peak resident memory of a process that loads the model and takes a few
+steps, less what it held once the model was loaded (on a GPU: the peak allocated by torch), one process per cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from densetune import precision as mixed
+from densetune.config import TrialConfig
+from densetune.train import build_model, train_step
+from throughput import machine, table
+
+METHODS = ("lora", "denselora")
+# The issue's setting: a batch of 8 sequences of 128 tokens, the paper's targets and dropout.
+BATCH, TOKENS = 8, 128
+
+
+def config(model: str, method: str, rank: int) -> TrialConfig:
+    return TrialConfig(model=model, method=method, rank=rank, targets="q,k,v,up,down", dropout=0.05, warmup_steps=0)
+
+
+def batch(vocab_size: int) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, vocab_size, (BATCH, TOKENS), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def step(model, optimizer, inputs, precision: str, cfg: TrialConfig) -> float:
+    synchronize()
+    started = time.perf_counter()
+    train_step(model, [inputs], (BATCH * TOKENS, BATCH * TOKENS), 1, device(), precision, cfg, optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    synchronize()
+    return time.perf_counter() - started
+
+
+def training_steps(model_name: str, rank: int, precision: str, steps: int) -> dict[str, float]:
+    """Median seconds per training step of each method, the methods taking turns."""
+    built = {m: build_model(config(model_name, m, rank), precision, device(), total_steps=100)[:2] for m in METHODS}
+    inputs = batch(next(iter(built.values()))[0].config.vocab_size)
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    for index in range(steps + 1):  # the first step of each warms up and is not counted
+        for method, (model, optimizer) in built.items():
+            elapsed = step(model, optimizer, inputs, precision, config(model_name, method, rank))
+            if index:
+                times[method].append(elapsed)
+    return {method: statistics.median(values) for method, values in times.items()}
+
+
+def forward_times(model_name: str, rank: int, precision: str, steps: int) -> dict[str, float]:
+    """Median seconds per forward pass (eval mode, no gradients): LoRA unmerged, LoRA merged, DenseLoRA."""
+    built = {m: build_model(config(model_name, m, rank), precision, device(), total_steps=100)[0] for m in METHODS}
+    built["lora merged"] = build_model(config(model_name, "lora", rank), precision, device(), 100)[0].merge_and_unload()
+    inputs = {k: v.to(device()) for k, v in batch(built["lora"].config.vocab_size).items() if k != "labels"}
+    times: dict[str, list[float]] = {name: [] for name in built}
+    with torch.no_grad():
+        for index in range(steps + 1):
+            for name, model in built.items():
+                model.eval()
+                synchronize()
+                started = time.perf_counter()
+                with mixed.autocast(precision, device()):
+                    model(**inputs)
+                synchronize()
+                if index:
+                    times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def memory_added(model_name: str, method: str, rank: int, precision: str) -> float:
+    """GiB of training memory one method adds, from a process of its own (resident memory peaks are per process)."""
+    args = [sys.executable, __file__, "--memory-of", json.dumps([model_name, method, rank, precision])]
+    done = subprocess.run(args, capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def measure_memory(model_name: str, method: str, rank: int, precision: str) -> float:
+    cfg = config(model_name, method, rank)
+    model, optimizer, _ = build_model(cfg, precision, device(), total_steps=100)
+    inputs = batch(model.config.vocab_size)
+    if device().type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        loaded = torch.cuda.memory_allocated()
+    else:
+        # Loading the model peaks above what it then holds: start the peak afresh (Linux: clear_refs 5).
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        loaded = status_bytes("VmRSS")
+    for _ in range(3):
+        step(model, optimizer, inputs, precision, cfg)
+    peak = torch.cuda.max_memory_allocated() if device().type == "cuda" else status_bytes("VmHWM")
+    return (peak - loaded) / 2**30
+
+
+def status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS: resident now, VmHWM: its peak)."""
+    for line in open("/proc/self/status"):
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def precisions() -> list[str]:
+    return ["float32", "bfloat16"] if mixed.native_bf16(device()) else ["float32"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--ranks", default="8,32,128", help="comma-separated (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per method and cell (default: %(default)s)")
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # one cell's memory, in a process of its own
+    args = parser.parse_args()
+    if args.memory_of:
+        print(measure_memory(*json.loads(args.memory_of)))
+        return
+    ranks = [int(r) for r in args.ranks.split(",")]
+    print(f"{machine()}\n")
+    print(f"{args.model}, batch {BATCH} x {TOKENS} tokens, targets q,k,v,up,down, dropout 0.05\n")
+    rows, forward_rows = [], []
+    for rank in ranks:
+        for precision in precisions():
+            steps = training_steps(args.model, rank, precision, args.steps)
+            memory = {m: memory_added(args.model, m, rank, precision) for m in METHODS}
+            rows.append([
+                rank, precision, f"{steps['lora']:.3f}", f"{steps['denselora']:.3f}",
+                f"{steps['denselora'] / steps['lora']:.2f}x", f"{memory['lora']:.2f}", f"{memory['denselora']:.2f}",
+                f"{100 * (memory['denselora'] / memory['lora'] - 1):+.0f} %",
+            ])
+            forward = forward_times(args.model, rank, precision, args.steps)
+            forward_rows.append([
+                rank, precision, *(f"{forward[n]:.3f}" for n in ("lora", "lora merged", "denselora")),
+                f"{forward['denselora'] / forward['lora']:.2f}x", f"{forward['denselora'] / forward['lora merged']:.2f}x",
+            ])
+            print(f"done: r={rank} {precision}", file=sys.stderr, flush=True)
+    print(f"Training step, medians of {args.steps} steps taken in turn; training memory added (GiB)\n")
+    print(table(["r", "precision", "LoRA s/step", "DenseLoRA s/step", "DenseLoRA / LoRA", "LoRA memory",
+                 "DenseLoRA memory", "DenseLoRA memory vs LoRA"], rows))
+    print(f"\nForward pass alone (eval, no gradients), medians of {args.steps} passes taken in turn\n")
+    print(table(["r", "precision", "LoRA s", "LoRA merged s", "DenseLoRA s", "DenseLoRA / LoRA",
+                 "DenseLoRA / merged LoRA"], forward_rows))
+
+
+if __name__ == "__main__":
+    main()
