@@ -34,11 +34,13 @@ BOOLQ = {
 @pytest.mark.parametrize("row, fmt, expected", [
     (ARC, "answer", TextQuestion(
         "Question: Which tool measures mass?\nAnswer:", [" a ruler", " a balance", " a thermometer", " a clock"], 1,
+        ["answer1", "answer2", "answer3", "answer4"],
     )),
     (PIQA, "solution", TextQuestion(
         "Question: How do I dry a shirt?\nAnswer:", [" Hang it in the sun.", " Put it in the freezer."], 0,
+        ["solution1", "solution2"],
     )),
-    (BOOLQ, "boolean", TextQuestion("Question: is ice cold?\nAnswer:", [" yes", " no"], 0)),
+    (BOOLQ, "boolean", TextQuestion("Question: is ice cold?\nAnswer:", [" yes", " no"], 0, ["true", "false"])),
 ])
 def test_question_options_and_gold_come_from_the_instruction(row, fmt, expected):
     assert text_question(row, fmt) == expected

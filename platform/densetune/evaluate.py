@@ -253,9 +253,8 @@ def _evaluate_text(
     picks = text_picks(model, tokenizer, [q.context for q in questions], [q.options for q in questions], batch_size, progress)
     predictions = []
     for i, question, (pick, pick_norm) in zip(indices, questions, picks):
-        labels = choices(fmt, rows[i]["instruction"])
         predictions.append(Prediction(
-            name, i, question.options[pick].strip(), labels[pick], str(rows[i]["answer"]), pick == question.gold,
+            name, i, question.options[pick].strip(), question.labels[pick], str(rows[i]["answer"]), pick == question.gold,
             pick_norm == question.gold,
         ))
     return predictions

@@ -201,7 +201,7 @@ def over_seeds(trials: Any, keys: list[str], columns: Sequence[str], accuracies:
     'mean ± half-width' in percent (Student t, 95 %)."""
     import pandas as pd
 
-    from .stats import mean_interval
+    from .report import interval, percent_interval
 
     finished = trials[trials["status"] == "FINISHED"]
     rows = []
@@ -210,8 +210,7 @@ def over_seeds(trials: Any, keys: list[str], columns: Sequence[str], accuracies:
         row["seeds"] = len(group)
         row.update({c: group[c].iloc[0] for c in columns if c in group})
         for name in accuracies:
-            mean, half = mean_interval(group[name].dropna().tolist())
-            row[name] = f"{100 * mean:.1f} ± {100 * half:.1f}"
+            row[name] = percent_interval(*interval(group[name]))
         rows.append(row)
     return pd.DataFrame(rows)
 

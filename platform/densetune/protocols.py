@@ -31,6 +31,7 @@ class TextQuestion:
     context: str  # "Question: <question>\nAnswer:"
     options: list[str]  # each option's text, with the space that follows "Answer:"
     gold: int  # the right option's position
+    labels: list[str]  # each option's label as the label protocol names it (answer1, ..., true/false)
 
 
 def training_pair(row: dict, fmt: str | None, protocol: str) -> tuple[str, str]:
@@ -67,4 +68,6 @@ def text_question(row: dict, fmt: str) -> TextQuestion:
         raise ValueError(f"answer {row['answer']!r} is none of the options {'/'.join(labels)}")
     # The instruction's own words before the question ("Please choose the correct answer to the question:").
     stem = question.split(": ", 1)[1] if question.startswith("Please ") and ": " in question else question
-    return TextQuestion(f"Question: {stem.strip()}\nAnswer:", [f" {text}" for text in options], labels.index(gold))
+    return TextQuestion(
+        f"Question: {stem.strip()}\nAnswer:", [f" {text}" for text in options], labels.index(gold), labels
+    )

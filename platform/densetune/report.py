@@ -27,13 +27,12 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Run
 
 from .stats import McNemar, holm, majority_baseline, mcnemar, mean_interval
-from .tracking import ROLE, SWEEP, default_tracking_uri, sweep_runs
+from .tracking import PREDICTIONS, ROLE, SNAPSHOTS, SWEEP, default_tracking_uri, sweep_runs
 
 FINISHED = "FINISHED"
 AVERAGE = "average"
 ALPHA = 0.05  # a difference is called one where the Holm-adjusted p is below this
 FAMILIES = ("accuracy", "accuracy_norm")  # accuracy_norm: the text protocol's length-normalised pick
-PREDICTIONS, SNAPSHOTS = "predictions.json", "snapshots.safetensors"
 NO_DIFFERENCE = "no difference shown"
 # Columns every trial row has, as nan where the store lacks them (a trial that failed before its first report)
 TRIAL_COLUMNS = ("seed", "method", "variant", "protocol", "trainable_params", "trainable_pct", "loss", "wall_time_s")

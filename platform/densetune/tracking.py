@@ -35,7 +35,8 @@ STEP_METRICS = (
 )
 ROLE, SWEEP, STUDY, TRIAL_ID, NODE_ID = "densetune.role", "sweep", "study", "ray.trial_id", "ray.node_id"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
-RECORD_FILES = ("predictions.json", "summary.json", "snapshots.safetensors")
+PREDICTIONS, SNAPSHOTS = "predictions.json", "snapshots.safetensors"
+RECORD_FILES = (PREDICTIONS, "summary.json", SNAPSHOTS)
 ACCURACY_PREFIXES = ("accuracy/", "accuracy_norm/")  # per benchmark and average; accuracy_norm: text protocol
 
 
