@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -27,12 +28,24 @@ from densetune.train import build_model, train_step
 from throughput import machine, table
 
 METHODS = ("lora", "denselora")
-# The issue's setting: a batch of 8 sequences of 128 tokens, the paper's targets and dropout.
+# The issue's setting: a batch of 8 sequences of 128 tokens, the paper's targets.
 BATCH, TOKENS = 8, 128
 
 
-def config(model: str, method: str, rank: int) -> TrialConfig:
-    return TrialConfig(model=model, method=method, rank=rank, targets="q,k,v,up,down", dropout=0.05, warmup_steps=0)
+class Cell(NamedTuple):
+    """One measurement's setting."""
+
+    model: str
+    rank: int
+    precision: str
+    dropout: float
+
+
+def config(cell: Cell, method: str) -> TrialConfig:
+    return TrialConfig(
+        model=cell.model, method=method, rank=cell.rank, targets="q,k,v,up,down", dropout=cell.dropout,
+        warmup_steps=0,
+    )
 
 
 def batch(vocab_size: int) -> dict[str, torch.Tensor]:
@@ -58,23 +71,23 @@ def step(model, optimizer, inputs, precision: str, cfg: TrialConfig) -> float:
     return time.perf_counter() - started
 
 
-def training_steps(model_name: str, rank: int, precision: str, steps: int) -> dict[str, float]:
+def training_steps(cell: Cell, steps: int) -> dict[str, float]:
     """Median seconds per training step of each method, the methods taking turns."""
-    built = {m: build_model(config(model_name, m, rank), precision, device(), total_steps=100)[:2] for m in METHODS}
+    built = {m: build_model(config(cell, m), cell.precision, device(), total_steps=100)[:2] for m in METHODS}
     inputs = batch(next(iter(built.values()))[0].config.vocab_size)
     times: dict[str, list[float]] = {m: [] for m in METHODS}
     for index in range(steps + 1):  # the first step of each warms up and is not counted
         for method, (model, optimizer) in built.items():
-            elapsed = step(model, optimizer, inputs, precision, config(model_name, method, rank))
+            elapsed = step(model, optimizer, inputs, cell.precision, config(cell, method))
             if index:
                 times[method].append(elapsed)
     return {method: statistics.median(values) for method, values in times.items()}
 
 
-def forward_times(model_name: str, rank: int, precision: str, steps: int) -> dict[str, float]:
+def forward_times(cell: Cell, steps: int) -> dict[str, float]:
     """Median seconds per forward pass (eval mode, no gradients): LoRA unmerged, LoRA merged, DenseLoRA."""
-    built = {m: build_model(config(model_name, m, rank), precision, device(), total_steps=100)[0] for m in METHODS}
-    built["lora merged"] = build_model(config(model_name, "lora", rank), precision, device(), 100)[0].merge_and_unload()
+    built = {m: build_model(config(cell, m), cell.precision, device(), total_steps=100)[0] for m in METHODS}
+    built["lora merged"] = build_model(config(cell, "lora"), cell.precision, device(), 100)[0].merge_and_unload()
     inputs = {k: v.to(device()) for k, v in batch(built["lora"].config.vocab_size).items() if k != "labels"}
     times: dict[str, list[float]] = {name: [] for name in built}
     with torch.no_grad():
@@ -83,7 +96,7 @@ def forward_times(model_name: str, rank: int, precision: str, steps: int) -> dic
                 model.eval()
                 synchronize()
                 started = time.perf_counter()
-                with mixed.autocast(precision, device()):
+                with mixed.autocast(cell.precision, device()):
                     model(**inputs)
                 synchronize()
                 if index:
@@ -91,16 +104,16 @@ def forward_times(model_name: str, rank: int, precision: str, steps: int) -> dic
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def memory_added(model_name: str, method: str, rank: int, precision: str) -> float:
+def memory_added(cell: Cell, method: str) -> float:
     """GiB of training memory one method adds, from a process of its own (resident memory peaks are per process)."""
-    args = [sys.executable, __file__, "--memory-of", json.dumps([model_name, method, rank, precision])]
+    args = [sys.executable, __file__, "--memory-of", json.dumps([*cell, method])]
     done = subprocess.run(args, capture_output=True, text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def measure_memory(model_name: str, method: str, rank: int, precision: str) -> float:
-    cfg = config(model_name, method, rank)
-    model, optimizer, _ = build_model(cfg, precision, device(), total_steps=100)
+def measure_memory(cell: Cell, method: str) -> float:
+    cfg = config(cell, method)
+    model, optimizer, _ = build_model(cfg, cell.precision, device(), total_steps=100)
     inputs = batch(model.config.vocab_size)
     if device().type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -111,7 +124,7 @@ def measure_memory(model_name: str, method: str, rank: int, precision: str) -> f
             refs.write("5")
         loaded = status_bytes("VmRSS")
     for _ in range(3):
-        step(model, optimizer, inputs, precision, cfg)
+        step(model, optimizer, inputs, cell.precision, cfg)
     peak = torch.cuda.max_memory_allocated() if device().type == "cuda" else status_bytes("VmHWM")
     return (peak - loaded) / 2**30
 
@@ -132,33 +145,43 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--ranks", default="8,32,128", help="comma-separated (default: %(default)s)")
+    parser.add_argument(
+        "--dropouts", default="0.05,0", help="comma-separated dropout probabilities, both methods alike; the forward "
+        "pass is measured at the first only, since evaluation does not drop (default: %(default)s)",
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed steps per method and cell (default: %(default)s)")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # one cell's memory, in a process of its own
     args = parser.parse_args()
     if args.memory_of:
-        print(measure_memory(*json.loads(args.memory_of)))
+        *cell, method = json.loads(args.memory_of)
+        print(measure_memory(Cell(*cell), method))
         return
     ranks = [int(r) for r in args.ranks.split(",")]
+    dropouts = [float(p) for p in args.dropouts.split(",")]
     print(f"{machine()}\n")
-    print(f"{args.model}, batch {BATCH} x {TOKENS} tokens, targets q,k,v,up,down, dropout 0.05\n")
+    print(f"{args.model}, batch {BATCH} x {TOKENS} tokens, targets q,k,v,up,down\n")
     rows, forward_rows = [], []
-    for rank in ranks:
-        for precision in precisions():
-            steps = training_steps(args.model, rank, precision, args.steps)
-            memory = {m: memory_added(args.model, m, rank, precision) for m in METHODS}
-            rows.append([
-                rank, precision, f"{steps['lora']:.3f}", f"{steps['denselora']:.3f}",
-                f"{steps['denselora'] / steps['lora']:.2f}x", f"{memory['lora']:.2f}", f"{memory['denselora']:.2f}",
-                f"{100 * (memory['denselora'] / memory['lora'] - 1):+.0f} %",
-            ])
-            forward = forward_times(args.model, rank, precision, args.steps)
-            forward_rows.append([
-                rank, precision, *(f"{forward[n]:.3f}" for n in ("lora", "lora merged", "denselora")),
-                f"{forward['denselora'] / forward['lora']:.2f}x", f"{forward['denselora'] / forward['lora merged']:.2f}x",
-            ])
-            print(f"done: r={rank} {precision}", file=sys.stderr, flush=True)
+    for dropout in dropouts:
+        for rank in ranks:
+            for precision in precisions():
+                cell = Cell(args.model, rank, precision, dropout)
+                steps = training_steps(cell, args.steps)
+                memory = {m: memory_added(cell, m) for m in METHODS}
+                rows.append([
+                    dropout, rank, precision, f"{steps['lora']:.3f}", f"{steps['denselora']:.3f}",
+                    f"{steps['denselora'] / steps['lora']:.2f}x", f"{memory['lora']:.2f}",
+                    f"{memory['denselora']:.2f}", f"{100 * (memory['denselora'] / memory['lora'] - 1):+.0f} %",
+                ])
+                if dropout == dropouts[0]:
+                    forward = forward_times(cell, args.steps)
+                    forward_rows.append([
+                        rank, precision, *(f"{forward[n]:.3f}" for n in ("lora", "lora merged", "denselora")),
+                        f"{forward['denselora'] / forward['lora']:.2f}x",
+                        f"{forward['denselora'] / forward['lora merged']:.2f}x",
+                    ])
+                print(f"done: dropout {dropout} r={rank} {precision}", file=sys.stderr, flush=True)
     print(f"Training step, medians of {args.steps} steps taken in turn; training memory added (GiB)\n")
-    print(table(["r", "precision", "LoRA s/step", "DenseLoRA s/step", "DenseLoRA / LoRA", "LoRA memory",
+    print(table(["dropout", "r", "precision", "LoRA s/step", "DenseLoRA s/step", "DenseLoRA / LoRA", "LoRA memory",
                  "DenseLoRA memory", "DenseLoRA memory vs LoRA"], rows))
     print(f"\nForward pass alone (eval, no gradients), medians of {args.steps} passes taken in turn\n")
     print(table(["r", "precision", "LoRA s", "LoRA merged s", "DenseLoRA s", "DenseLoRA / LoRA",

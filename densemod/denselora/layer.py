@@ -6,11 +6,11 @@ import math
 from typing import Any, NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
+from .branch import dense_branch
 from .config import DenseLoraConfig
 
 
@@ -56,7 +56,7 @@ class DenseLoraLayer(BaseTunerLayer):
         self.scaling: dict[str, float] = {}
         self.variant: dict[str, str] = {}
         self.share_key: dict[str, str] = {}
-        self.denselora_dropout = nn.ModuleDict({})
+        self.denselora_dropout: dict[str, float] = {}
         self.denselora_M = nn.ParameterDict({})
         self._disable_adapters = False
         self.merged_adapters = []
@@ -70,8 +70,7 @@ class DenseLoraLayer(BaseTunerLayer):
         self.scaling[adapter_name] = config.scaling
         self.variant[adapter_name] = config.variant
         self.share_key[adapter_name] = share_key
-        dropout = nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        self.denselora_dropout[adapter_name] = dropout
+        self.denselora_dropout[adapter_name] = config.lora_dropout
         m = torch.empty(config.r, config.r)
         # "freeze" keeps W_d random and frozen, so M must start at zero for the adapter to start as a no-op.
         if config.variant == "freeze" and config.init_weights:
@@ -82,18 +81,14 @@ class DenseLoraLayer(BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
-    def _activation(self, adapter_name: str) -> Any:
-        return F.gelu if self.variant[adapter_name] != "only_matrix" else (lambda t: t)
-
     def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """(alpha / r) * drop(act(W_d M drop(act(W_e drop(x))))), in the adapter's dtype."""
+        """(alpha / r) * drop(act(W_d M drop(act(W_e drop(x))))), in the adapter's (or autocast's) dtype."""
         w_e, w_d = self.shared.weights(adapter_name, self.share_key[adapter_name])
         m = self.denselora_M[adapter_name]
-        act = self._activation(adapter_name)
-        drop = self.denselora_dropout[adapter_name]
+        dropout = self.denselora_dropout[adapter_name] if self.training else 0.0
+        activate = self.variant[adapter_name] != "only_matrix"
         x = self._cast_input_dtype(x, m.dtype)
-        hidden = drop(act(F.linear(drop(x), w_e)))
-        return drop(act(F.linear(F.linear(hidden, m), w_d))) * self.scaling[adapter_name]
+        return dense_branch(x, w_e, m, w_d, self.scaling[adapter_name], dropout, activate)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Delta W = (alpha / r) W_d M W_e (out x in); exists only for the activation-free variant."""

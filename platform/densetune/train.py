@@ -166,7 +166,7 @@ def build_model(
     base = load_model(cfg.model, dtype=mixed.weights_dtype(precision))
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing recomputes the shared encoder correctly under DDP.
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.activation_checkpointing_enable({"use_reentrant": False})
     # PEFT keeps the adapter's weights in float32 over bfloat16 base weights (autocast_adapter_dtype).
     model = get_peft_model(base, cfg.peft_config(total_steps)).to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
