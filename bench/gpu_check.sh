@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks, on one GPU in under 5 minutes: the throughput benchmark (step time in float32 and bf16 autocast,
-# padding, a trial through Ray against the same loop in-process, start-up) and a 2-minute DenseLoRA trial of
-# SmolLM2-135M, evaluated before and after. Run from anywhere, in an environment set up as the README says (with a
+# The GPU checks, on one GPU in under 8 minutes: the throughput benchmark (step time in float32 and bf16 autocast,
+# padding, a trial through Ray against the same loop in-process, start-up), DenseLoRA's cost against LoRA's (step,
+# memory, forward pass) and a 2-minute DenseLoRA trial of SmolLM2-135M, evaluated before and after. Run from anywhere, in an environment set up as the README says (with a
 # CUDA build of torch); the figures go in docs/PERFORMANCE.md.
 #
 #     bash bench/gpu_check.sh 2>&1 | tee gpu_check.log
@@ -16,6 +16,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 # ~2 minutes on an H100-class GPU: more interleaved steps than on a CPU, since each is short.
 timeout 170 "$PYTHON" bench/throughput.py --steps 100 --pairs 1 --step-samples 20 --repeats 2 --storage-path "$STORAGE/bench"
+
+# ~2.5 minutes: DenseLoRA against LoRA at r = 32, with and without dropout; each memory cell loads the model afresh.
+timeout 170 "$PYTHON" bench/adapter_cost.py --ranks 32 --steps 20
 
 # The trial: 2 minutes of training at most, the paper's batch of 16 in one micro-batch, bf16 (dtype auto).
 timeout 130 "$PYTHON" -m densetune.trial --model smollm2-135m --method denselora --rank 32 --datasets synthetic \

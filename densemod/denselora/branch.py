@@ -1,10 +1,11 @@
 """DenseLoRA's adapter branch, scaling * drop(act(W_d M drop(act(W_e drop(x))))), as one autograd function.
 
-Written out with autograd, the branch keeps for backward the decoder's output before and after its GELU and a dropout
-mask, each as wide as the layer's output (1,536 columns for SmolLM2's up_proj, 14,336 for LLaMA-3-8B's), where LoRA
-keeps its dropped input and an r-wide tensor. This function keeps the input, three r-wide tensors and the dropped
-positions, and recomputes the decoder's output in backward: one r-inner matmul, the size of LoRA's B. Dropout draws only
-the positions it drops (`dropout.py`) and folds its 1 / (1 - p) into r-wide tensors or the output's scaling.
+Written out with autograd, the branch keeps for backward the decoder's output and dropout's mask (a float per element
+on a CPU), both as wide as the layer's output (1,536 columns for SmolLM2's up_proj, 14,336 for LLaMA-3-8B's), where
+LoRA keeps its dropped input and an r-wide tensor. This function keeps the input, three r-wide tensors and the dropped
+positions, and recomputes the decoder's output in backward: one r-inner matmul, the size of LoRA's B. Dropout draws
+only the positions it drops (`dropout.py`) and its 1 / (1 - p) goes into the encoder's weights, an r-wide tensor and
+the output's scaling.
 
 It computes what the written-out branch computes, in the dtype autocast would give its matmuls (or M's dtype without
 autocast); tests/test_denselora_branch.py holds it to that reference, outputs and gradients, in float32 and bfloat16.
