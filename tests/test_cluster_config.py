@@ -29,3 +29,10 @@ def test_the_schema_check_catches_a_misspelt_field():
     config["max_worker"] = config.pop("max_workers")
     with pytest.raises(jsonschema.ValidationError, match="max_worker"):
         validate_config(prepare_config(config))
+
+
+def test_no_server_listens_on_every_interface():
+    config = load()
+    commands = " ".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"])
+    assert "0.0.0.0" not in commands and "--dashboard-host" not in commands  # Ray's default: 127.0.0.1
+    assert "mlflow server --host $(hostname -I | cut -d' ' -f1)" in commands  # the head's private address

@@ -185,3 +185,22 @@ def test_a_sweep_resumes_after_its_driver_is_killed(tmp_path):
     again = next(r for r in children if r.info.run_id == first[0].info.run_id)
     assert again.info.end_time == first[0].info.end_time  # not run again
     assert [m.step for m in client.get_metric_history(again.info.run_id, "loss")] == [2, 4]
+
+
+def test_a_sweep_with_failed_trials_exits_1_and_names_their_error_files(tmp_path):
+    from test_sweep import model_without_weights  # every check passes; the workers fail to load the weights
+
+    model = model_without_weights(tmp_path / "model")
+    command = [
+        sys.executable, str(ROOT / "experiments" / "rank_sweep.py"), "--smoke", "--space", "rank=4",
+        "--set", f"model={model}", "--name", "failing", "--storage-path", str(tmp_path),
+    ]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stderr[-3000:]
+    error = done.stderr.strip().splitlines()
+    assert error[-2] == "error: 1 of 1 trials failed; their errors:"
+    assert error[-1].strip().startswith(str(tmp_path / "failing")) and error[-1].endswith("error.txt")
+    assert Path(error[-1].strip()).exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.sweep = 'failing'")
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED"]  # the trial and the sweep

@@ -38,6 +38,17 @@ def wait_for(url: str, seconds: float) -> None:
             time.sleep(1)
 
 
+def submit(command: list[str], env: dict[str, str], seconds: float) -> subprocess.CompletedProcess:
+    """`ray job submit`, again while the head's job agent is not up yet (on a busy machine it comes seconds after the
+    dashboard answers: "No available agent to submit job"); such a refusal starts no job."""
+    deadline = time.monotonic() + seconds
+    while True:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent to submit job" not in done.stdout + done.stderr or time.monotonic() > deadline:
+            return done
+        time.sleep(2)
+
+
 def test_a_study_submitted_as_a_ray_job_is_tracked(tmp_path):
     dashboard = free_port()
     # The cluster's Python is this venv's, as on a cluster whose nodes installed the project.
@@ -52,11 +63,11 @@ def test_a_study_submitted_as_a_ray_job_is_tracked(tmp_path):
     try:
         wait_for(f"http://127.0.0.1:{dashboard}/api/version", 90)
         uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
-        job = subprocess.run(
+        job = submit(
             [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT), "--",
              "python", "experiments/rank_sweep.py", "--smoke", "--space", "rank=4", "--name", "job",
              "--storage-path", str(tmp_path / "runs"), "--tracking-uri", uri],
-            env=env, capture_output=True, text=True, timeout=600,
+            env, 120,
         )
     finally:
         head.send_signal(signal.SIGTERM)  # --block: the head stops every Ray process it started

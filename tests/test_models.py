@@ -2,11 +2,12 @@
 
 import importlib.metadata
 import importlib.util
+import time
 
 import pytest
 import torch
 
-from densetune.models import check_model_name, load_model, load_tokenizer, tiny_llama
+from densetune.models import check_model_name, load_model, load_tokenizer, meta_model, tiny_llama
 
 
 def test_a_local_folder_loads_through_the_hub_code_path(tmp_path):
@@ -54,3 +55,16 @@ def test_smollm2_is_the_pretrained_model_converted_once():
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
     assert (folder / "model.safetensors").exists()
+
+
+def test_a_hub_id_that_cannot_be_reached_says_how_to_use_a_folder(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    message = (
+        r"^model 'org/missing' is neither a local folder nor in the Hugging Face cache, and the Hub cannot be reached "
+        r"from here: download it where there is network \(hf download org/missing --local-dir DIR\) and pass the "
+        r"folder as the model$"
+    )
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=message):
+        meta_model("org/missing")
+    assert time.monotonic() - started < 10  # transformers alone retries for half a minute

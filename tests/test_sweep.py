@@ -2,7 +2,9 @@
 
 import dataclasses
 import json
+import math
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -180,13 +182,18 @@ def model_without_weights(folder: Path) -> str:
     return str(folder)
 
 
-def test_trials_report_a_failure_as_a_failed_run(local_ray, tmp_path):
-    sweep = SweepConfig("fail_study", {"rank": [4]}, trial(tmp_path, model=model_without_weights(tmp_path / "m")), name="f")
+def test_a_sweep_whose_trials_all_fail_is_a_failed_run_with_its_error_files(local_ray, tmp_path):
+    sweep = SweepConfig(
+        "fail_study", {"rank": [4, 8]}, trial(tmp_path, model=model_without_weights(tmp_path / "m")), name="f"
+    )
     result = run_sweep(sweep)
 
     _, parents, children = tracked(result.tracking_uri, "f")
-    assert [c.info.status for c in children] == ["FAILED"]
-    assert parents[0].info.status == "FINISHED"
+    assert [c.info.status for c in children] == ["FAILED", "FAILED"]
+    assert parents[0].info.status == "FAILED" and parents[0].data.tags["failed_trials"] == "2"
+    assert len(result.failed) == 2
+    for error_file in result.failed:
+        assert "model.safetensors" in Path(error_file).read_text()  # the workers' own error, kept by Tune
 
 
 @pytest.mark.parametrize(
@@ -229,3 +236,39 @@ def test_resources_no_node_has_are_refused(local_ray, tmp_path):
     with pytest.raises(ValueError, match=r"num_workers 3 need 3 CPUs in all, but this Ray cluster has 2"):
         run_sweep(SweepConfig("bad", {"rank": [4]}, trial(tmp_path, num_workers=3, batch_size=6), name="workers"))
     assert not (tmp_path / "runs" / "cpu").exists()
+
+
+def strict_json(text: str):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_diverging_trial_is_a_failed_run_tagged_with_its_step_and_the_worst_result(local_ray, tmp_path):
+    result = run_sweep(SweepConfig("diverge_study", {"lr": [1e-3, 1e6]}, trial(tmp_path), name="d"))
+
+    client, parents, children = tracked(result.tracking_uri, "d")
+    by_lr = {float(c.data.params["lr"]): c for c in children}
+    diverged, fine = by_lr[1e6], by_lr[1e-3]
+    assert (diverged.info.status, fine.info.status) == ("FAILED", "FINISHED")
+    step = int(diverged.data.tags["diverged"])
+    assert step >= 1 and "diverged" not in fine.data.tags
+    # its losses up to the divergence are logged, never a non-finite one; its accuracy before training only (the
+    # smoke trial evaluates at step 0), not the worst value Tune was told; no adapter
+    losses = [m.value for m in client.get_metric_history(diverged.info.run_id, "loss")]
+    assert losses and all(math.isfinite(v) for v in losses)
+    assert [m.step for m in client.get_metric_history(diverged.info.run_id, "accuracy/average")] == [0]
+    assert [a.path for a in client.list_artifacts(diverged.info.run_id)] == ["config.json"]
+    assert parents[0].info.status == "FINISHED"
+    assert (parents[0].data.tags["diverged_trials"], parents[0].data.tags["failed_trials"]) == ("1", "0")
+    assert len(result.diverged) == 1 and result.failed == []
+    # Tune's last result for it holds the objective's worst value, and every JSON file the sweep wrote is JSON
+    last = strict_json(Path(result.diverged[0], "result.json").read_text().splitlines()[-1])
+    assert last["accuracy/average"] == -sys.float_info.max and last["diverged_at_step"] == step
+    # (Tune's basic-variant-state-*.json is a pickle by another name)
+    written = [p for p in Path(result.path).rglob("*.json") if not p.name.startswith("basic-variant-state")]
+    assert len(written) > 10
+    for path in written:
+        for line in path.read_text().splitlines() if path.name == "result.json" else [path.read_text()]:
+            strict_json(line)

@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import ray
 
 from densetune.config import TrialConfig
 from densetune.increments import by_step, load_snapshots
@@ -137,6 +138,13 @@ ROW = {"instruction": "Pick one.\n\nAnswer format: answer1/answer2", "input": ""
         (dict(eval_mode="greedy"), r"eval_mode must be one of 'generate', 'loglik'; got 'greedy'"),
         (dict(rank=0), r"r must be a positive integer"),
         (dict(max_steps=0), r"max_steps must be a positive integer; got 0"),
+        (dict(lr=-1.0), r"^lr must be a positive number; got -1.0$"),
+        (dict(lr=float("nan")), r"^lr must be a positive number; got nan$"),
+        (dict(max_grad_norm=0.0), r"^max_grad_norm must be a positive number; got 0.0$"),
+        (dict(warmup_steps=-1), r"^warmup_steps must be a non-negative integer \(0: no warm-up\); got -1$"),
+        (dict(seed=-3), r"^seed must be a non-negative integer; got -3$"),
+        (dict(eval_batch_size=0), r"^eval_batch_size must be a positive integer; got 0$"),
+        (dict(max_new_tokens=0), r"^max_new_tokens must be a positive integer; got 0$"),
     ],
 )
 def test_bad_settings_fail_before_any_worker(settings, message):
@@ -171,7 +179,31 @@ def test_more_workers_than_the_cluster_has(local_ray, tmp_path):
     assert not (tmp_path / "big").exists()
 
 
-def test_command_line_bad_input_is_one_line(capsys):
-    assert main(["--model", "no-such-model"]) == 2
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "no-such-model"], "error: unknown model 'no-such-model'"),
+        (["--lr", "-1"], "error: lr must be a positive number; got -1.0"),
+        (["--storage-path", "/proc/x", "--model", "tiny-llama"], "error: storage_path '/proc/x' cannot be written ("),
+    ],
+)
+def test_command_line_bad_input_is_one_line_before_ray_starts(capsys, argv, message):
+    ray_before = ray.is_initialized()  # this module's Ray runs when other tests ran first
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: unknown model 'no-such-model'")
+    assert len(err) == 1 and err[0].startswith(message)
+    assert ray.is_initialized() == ray_before
+
+
+def test_a_diverging_command_line_trial_stops_at_once_and_exits_1(tmp_path, capsys):
+    argv = [
+        "--model", "tiny-llama", "--datasets", "synthetic", "--max-steps", "6", "--warmup-steps", "0", "--lr", "1e6",
+        "--report-every", "1", "--eval-mode", "loglik", "--eval-limit", "8", "--num-workers", "0",
+        "--storage-path", str(tmp_path),
+    ]
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    error = err.strip().splitlines()[-1]
+    assert error.startswith("error: the trial diverged: its loss was not finite at step ")
+    step = int(error.split("at step ")[1].split(",")[0])
+    assert 1 <= step < 6  # it stopped there, not at the end

@@ -20,6 +20,8 @@ DTYPES = ("auto", "float32", "bfloat16")
 SEARCHABLE = ("rank", "targets", "data_fraction", "method", "variant", "protocol", "lr", "alpha", "dropout", "seed")
 SEARCHES = ("grid", "random", "optuna")
 SCHEDULERS = ("fifo", "asha")
+# The metric a trial reports, with the step, when its loss stops being finite: it ends there (train.diverged).
+DIVERGED = "diverged_at_step"
 
 
 @dataclass

@@ -220,7 +220,9 @@ def main(study: Study, description: str, argv: Optional[list[str]] = None) -> in
     from .report import write_report
     from .sweep import run_sweep
     from .tracking import ui_command
+    from .trial import stop_on_sigterm
 
+    stop_on_sigterm()
     try:
         sweep = sweep_config(study, args)
         result = run_sweep(sweep)
@@ -233,4 +235,14 @@ def main(study: Study, description: str, argv: Optional[list[str]] = None) -> in
     out = None if "://" not in result.path else tempfile.mkdtemp()
     print(f"\nreport (tables, paired tests, figures): {write_report(result.name, result.tracking_uri, study.name, out)}")
     print(f"\nMLflow experiment {study.name!r}, sweep tag {result.name!r}. To browse it:\n  {ui_command(result.tracking_uri)}")
-    return 0
+    if result.diverged:
+        print(
+            f"\nerror: {len(result.diverged)} of {len(result.trials)} trials diverged (their loss was not finite; "
+            "MLflow tag 'diverged' holds the step):\n  " + "\n  ".join(result.diverged), file=sys.stderr,
+        )
+    if result.failed:
+        print(
+            f"\nerror: {len(result.failed)} of {len(result.trials)} trials failed; their errors:\n  "
+            + "\n  ".join(result.failed), file=sys.stderr,
+        )
+    return 1 if result.failed or result.diverged else 0

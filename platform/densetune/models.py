@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import socket
+import urllib.parse
 from pathlib import Path
-from typing import Optional
-
 import torch
 from transformers import (
-    AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
+    AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel,
+    PreTrainedTokenizerBase, PreTrainedTokenizerFast,
 )
 
 BUILTIN_MODELS = ("tiny-llama", "smollm2-135m")
@@ -104,18 +104,46 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> 
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
 
-def meta_model(name: str) -> Optional[PreTrainedModel]:
+def meta_model(name: str) -> PreTrainedModel:
     """The model's architecture on the meta device (no weights, no memory), to check an adapter against it before any
-    worker starts; None when its config cannot be read here (a Hub id without network: the workers will check)."""
-    if name == "tiny-llama":
-        config = tiny_llama_config()
-    else:
-        try:
-            config = AutoConfig.from_pretrained(smollm2_folder() if name == "smollm2-135m" else name)
-        except OSError:
-            return None
+    worker starts. Raises ValueError when its config cannot be read here (see model_config)."""
+    config = tiny_llama_config() if name == "tiny-llama" else model_config(name)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
+
+
+def model_config(name: str) -> PretrainedConfig:
+    """The config of a built-in, a folder, or a Hub id: from the folder or the local cache, else from the Hub, which
+    must answer within seconds (transformers alone retries for half a minute before it gives up)."""
+    source = smollm2_folder() if name == "smollm2-135m" else name
+    try:
+        return AutoConfig.from_pretrained(source, local_files_only=True)
+    except OSError:
+        pass  # neither a folder nor in the cache
+    if not hub_reachable():
+        raise ValueError(
+            f"model {name!r} is neither a local folder nor in the Hugging Face cache, and the Hub cannot be reached "
+            f"from here: download it where there is network (hf download {name} --local-dir DIR) and pass the folder "
+            "as the model"
+        )
+    try:
+        return AutoConfig.from_pretrained(source)
+    except OSError as error:
+        raise ValueError(f"model {name!r} cannot be loaded: {str(error).splitlines()[0]}") from None
+
+
+def hub_reachable(timeout_s: float = 5.0) -> bool:
+    """Whether the Hugging Face Hub's host accepts a connection (and offline mode is off)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
 
 
 def check_model_name(name: str) -> None:

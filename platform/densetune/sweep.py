@@ -15,14 +15,13 @@ import dataclasses
 import itertools
 import json
 import os
+import sys
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Optional, Union
 
 import pandas as pd
-import pyarrow.fs
 import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -33,12 +32,13 @@ from ray.tune.search.sample import Domain
 import densemod
 from densemod.denselora.config import check_choice
 
-from .config import SCHEDULERS, SEARCHABLE, SEARCHES, SweepConfig, TrialConfig
+from .config import DIVERGED, SCHEDULERS, SEARCHABLE, SEARCHES, SweepConfig, TrialConfig
 from .inputs import TrialData, data_source, load_data, training_rows
 from .trial import (
-    check_adapter_fits, check_config, check_non_negative, check_placeable, check_positive, ensure_ray, run_trial,
-    storage_root, uses_gpu, workers_that_fit,
+    check_adapter_fits, check_config, check_non_negative, check_placeable, check_positive, own_ray, run_trial,
+    uses_gpu, workers_that_fit,
 )
+from .storage import check_storage, read_text, storage_root, write_text
 
 # A trial's driver only starts its worker group and waits: a sliver of memory, no CPU, so that a 2-worker trial
 # still fits a 2-CPU machine (Tune's default of 1 CPU per trial would leave it 1).
@@ -56,6 +56,8 @@ class SweepResult:
     tracking_uri: str
     run_id: str  # the sweep's parent run
     trials: pd.DataFrame  # sweep_runs(): one row per trial, params, last metrics, status
+    failed: list[str] = dataclasses.field(default_factory=list)  # the error file of each trial that failed
+    diverged: list[str] = dataclasses.field(default_factory=list)  # the folder of each trial whose loss was not finite
 
 
 def trial_config(params: dict[str, Any]) -> TrialConfig:
@@ -66,15 +68,25 @@ def trial_config(params: dict[str, Any]) -> TrialConfig:
     return TrialConfig.from_dict(params)
 
 
-def sweep_trial(params: dict[str, Any], data: dict[tuple, TrialData]) -> None:
+def sweep_trial(params: dict[str, Any], data: dict[tuple, TrialData], worst: dict[str, float]) -> None:
     """The Tune trainable: one trial's Ray Train run on the sweep's data (sweep_data), its reports forwarded to Tune.
+    A trial that diverged reports the `worst` value of every objective last, so that ASHA and Optuna rank it below
+    every other.
 
     The Train run is named for the Tune trial, so a restored sweep resumes it from its last checkpoint.
     """
     config = dataclasses.replace(trial_config(params), name=tune.get_context().get_trial_id())
     forward = TuneReportCallback()
-    run_trial(config, callbacks=[forward], data=data[data_source(config)])
+    result = run_trial(config, callbacks=[forward], data=data[data_source(config)])
     wait_until_tune_has_read(forward)
+    if result.diverged_at is not None:
+        tune.report({**worst, "step": result.diverged_at, DIVERGED: result.diverged_at})
+
+
+def worst_values(sweep: SweepConfig) -> dict[str, float]:
+    """Each objective's worst value: the most negative float for one maximised, the largest for one minimised (finite,
+    so every result stays valid JSON)."""
+    return {metric: -sys.float_info.max if mode == "max" else sys.float_info.max for metric, mode in objectives(sweep)}
 
 
 def wait_until_tune_has_read(forward: TuneReportCallback, timeout_s: float = 600.0) -> None:
@@ -177,17 +189,6 @@ def check_objectives(sweep: SweepConfig) -> None:
         raise ValueError(f"several metrics ({', '.join(metrics)}) need search 'optuna' (multi-objective); got {sweep.search!r}")
 
 
-def check_storage(path: str) -> None:
-    """Write and remove a probe file, so a read-only or mistyped storage path fails before any trial."""
-    probe = f"{storage_root(path)}/.densetune-write-check-{uuid.uuid4().hex}"
-    try:
-        write_text(probe, "ok")
-        filesystem, inner = pyarrow.fs.FileSystem.from_uri(probe)
-        filesystem.delete_file(inner)
-    except (OSError, ValueError, pyarrow.ArrowException) as error:
-        raise ValueError(f"storage_path {path!r} cannot be written ({error}): pass a folder or URI you can write") from None
-
-
 def param_space(sweep: SweepConfig, folder: str) -> dict[str, Any]:
     """The trial's settings with the searched ones as Tune domains; trials keep their runs inside the sweep's folder."""
     space = {**dataclasses.asdict(sweep.trial), "storage_path": f"{folder}/trials"}
@@ -272,48 +273,41 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
     data = sweep_data(sweep)
     check_storage(sweep.trial.storage_path)
     check_tracking_uri(uri)
-    ensure_ray()
-    gpu = uses_gpu(sweep.trial)
-    check_placeable(sweep.trial, gpu)
+    with own_ray():
+        gpu = uses_gpu(sweep.trial)
+        check_placeable(sweep.trial, gpu)
 
-    # Trials report accuracy only when they evaluate; Tune would otherwise reject every report without it.
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    # The tokenized rows go into the object store once; each trial's workers read them there.
-    shared = {source: dataclasses.replace(one, train=ray.put(one.train)) for source, one in data.items()}
-    trainable = tune.with_resources(tune.with_parameters(sweep_trial, data=shared), DRIVER_RESOURCES)
-    tracker = SweepTracker(
-        uri, sweep.study, name, trial_config, list(sweep.space), sweep_params(sweep, folder), artifact_root(uri)
-    )
-    if sweep.resume:
-        tuner = tune.Tuner.restore(folder, trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        record = {"study": sweep.study, "tracking_uri": uri, "trial": dataclasses.asdict(sweep.trial), **sweep_params(sweep, folder)}
-        write_text(f"{folder}/{RECORD}", json.dumps(record))
-        tuner = tune.Tuner(
-            trainable, param_space=param_space(sweep, folder),
-            tune_config=tune_config(sweep, trials_that_fit(sweep.trial, gpu)),
-            run_config=tune.RunConfig(name=name, storage_path=root, callbacks=[tracker]),
+        # Trials report accuracy only when they evaluate; Tune would otherwise reject every report without it.
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+        # The tokenized rows go into the object store once; each trial's workers read them there.
+        shared = {source: dataclasses.replace(one, train=ray.put(one.train)) for source, one in data.items()}
+        trainable = tune.with_resources(
+            tune.with_parameters(sweep_trial, data=shared, worst=worst_values(sweep)), DRIVER_RESOURCES
         )
-    try:
-        tuner.fit()
-    except BaseException:
-        tracker.close("KILLED")  # interrupted: no run is left RUNNING
-        raise
-    tracker.close()
-    return SweepResult(name, folder, uri, tracker.parent_run_id(), sweep_runs(name, uri, sweep.study))
-
-
-def read_text(path: str) -> str:
-    filesystem, inner = pyarrow.fs.FileSystem.from_uri(path)
-    with filesystem.open_input_stream(inner) as stream:
-        return stream.read().decode()
-
-
-def write_text(path: str, text: str) -> None:
-    filesystem, inner = pyarrow.fs.FileSystem.from_uri(path)
-    filesystem.create_dir(inner.rsplit("/", 1)[0], recursive=True)
-    with filesystem.open_output_stream(inner) as stream:
-        stream.write(text.encode())
+        tracker = SweepTracker(
+            uri, sweep.study, name, trial_config, list(sweep.space), sweep_params(sweep, folder), artifact_root(uri)
+        )
+        if sweep.resume:
+            tuner = tune.Tuner.restore(folder, trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            record = {"study": sweep.study, "tracking_uri": uri, "trial": dataclasses.asdict(sweep.trial), **sweep_params(sweep, folder)}
+            write_text(f"{folder}/{RECORD}", json.dumps(record))
+            tuner = tune.Tuner(
+                trainable, param_space=param_space(sweep, folder),
+                tune_config=tune_config(sweep, trials_that_fit(sweep.trial, gpu)),
+                run_config=tune.RunConfig(name=name, storage_path=root, callbacks=[tracker]),
+            )
+        try:
+            grid = tuner.fit()
+        except BaseException:
+            tracker.close("KILLED")  # interrupted: no run is left RUNNING
+            raise
+        failed = [f"{result.path}/error.txt" for result in grid if result.error]
+        diverged = [result.path for result in grid if not result.error and DIVERGED in (result.metrics or {})]
+        unsuccessful = len(failed) + len(diverged)
+        tracker.close("FAILED" if unsuccessful and unsuccessful == len(grid) else "FINISHED", failed=len(failed), diverged=len(diverged))
+        trials = sweep_runs(name, uri, sweep.study)
+        return SweepResult(name, folder, uri, tracker.parent_run_id(), trials, failed, diverged)
 
 
 def sweep_params(sweep: SweepConfig, folder: str) -> dict[str, str]:

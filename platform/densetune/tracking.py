@@ -7,7 +7,9 @@ trial's configuration as the user wrote it, the training loop's own metrics, and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
 import os
@@ -16,7 +18,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import pandas as pd
 import pyarrow.fs
@@ -26,7 +28,7 @@ from mlflow.entities import Metric, Param
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 from ray import tune
 
-from .config import TrialConfig, field_type
+from .config import DIVERGED, TrialConfig, field_type
 
 # Reported once per trial and constant: logged as params, not as metric series.
 FACTS = {"trainable_params": int, "total_params": int, "trainable_pct": float, "total_steps": int, "precision": str}
@@ -34,6 +36,8 @@ STEP_METRICS = (
     "loss", "learning_rate", "tokens_per_s", "padding_fraction", "step_time_s", "peak_memory_mb", "epoch", "startup_s",
 )
 ROLE, SWEEP, STUDY, TRIAL_ID, NODE_ID = "densetune.role", "sweep", "study", "ray.trial_id", "ray.node_id"
+FAILED_TRIALS, DIVERGED_TRIALS = "failed_trials", "diverged_trials"  # tags of the sweep's run
+DIVERGED_TAG = "diverged"  # a tag of a trial's run whose loss was not finite: the step
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 PREDICTIONS, SNAPSHOTS = "predictions.json", "snapshots.safetensors"
 RECORD_FILES = (PREDICTIONS, "summary.json", SNAPSHOTS)
@@ -62,15 +66,31 @@ def check_tracking_uri(uri: str) -> None:
             # MLflow's own client retries for minutes; the server's health endpoint answers at once or not at all.
             urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).close()
         else:
-            if uri.startswith("sqlite:///"):
-                Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            MlflowClient(uri).search_experiments(max_results=1)
+            with store_lock(uri):
+                MlflowClient(uri).search_experiments(max_results=1)  # creates a new store's tables
     except Exception as error:  # noqa: BLE001 - any failure here means the same thing to the user
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ValueError(
             f"tracking URI {uri!r} cannot be reached ({reason}): start the MLflow server, or pass another "
             "--tracking-uri (or none, for the embedded sqlite store)"
         ) from None
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """For an sqlite store, hold a lock file beside the database: two processes that create a new store at once both
+    run MLflow's schema migration, and one fails ("duplicate column name"). Other stores need no lock."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def ui_command(uri: str) -> str:
@@ -126,6 +146,7 @@ class SweepTracker(tune.Callback):
         self._checkpoints: dict[str, str] = {}  # trial id -> last reported checkpoint path
         self._last: dict[str, dict] = {}  # trial id -> last result with a step
         self._nodes: dict[str, str] = {}  # trial id -> the node its rank 0 runs on
+        self._diverged: set[str] = set()  # trial ids whose loss was not finite
 
     # Tune pickles its callbacks with the experiment state; the client and the caches are rebuilt on restore.
     def __getstate__(self) -> dict:
@@ -176,6 +197,10 @@ class SweepTracker(tune.Callback):
         self, iteration: int, trials: list, trial: tune.experiment.Trial, result: dict, **info: Any
     ) -> None:
         run_id = self._child(trial)
+        if DIVERGED in result:  # a tag, and no metric: the worst values Tune is told are not measurements
+            self.client.set_tag(run_id, DIVERGED_TAG, str(result[DIVERGED]))
+            self._diverged.add(trial.trial_id)
+            return
         if "checkpoint_path" in result:
             self._checkpoints[trial.trial_id] = result["checkpoint_path"]
         if "step" not in result:
@@ -200,6 +225,10 @@ class SweepTracker(tune.Callback):
         wall_time = (trial.last_result or {}).get("time_total_s")
         if wall_time is not None:
             self._log(run_id, metrics=[Metric("wall_time_s", float(wall_time), now_ms(), int(last.get("step", 0)))])
+        if trial.trial_id in self._diverged:
+            self._log_artifacts(run_id, trial, config, adapter=False)  # no checkpoint after the divergence is logged
+            self.client.set_terminated(run_id, "FAILED")
+            return
         self._log_artifacts(run_id, trial, config)
         if not finished:
             self.client.set_tag(run_id, "stopped_early", "true")  # by the scheduler, before its last step
@@ -212,12 +241,13 @@ class SweepTracker(tune.Callback):
             self.client.log_artifact(run_id, error)
         self.client.set_terminated(run_id, "FAILED")
 
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self.close()
-
-    def close(self, status: str = "FINISHED") -> None:
+    def close(self, status: str = "FINISHED", failed: Optional[int] = None, diverged: Optional[int] = None) -> None:
         """End every trial run still open as KILLED (its trial was interrupted), then the sweep's run: KILLED too if
-        any trial was, else `status`. Idempotent: a run already ended keeps its status."""
+        any trial was, else `status`; tag it with the numbers of `failed` and `diverged` trials when given.
+        Idempotent: a run already ended keeps its status."""
+        for tag, count in ((FAILED_TRIALS, failed), (DIVERGED_TRIALS, diverged)):
+            if count is not None:
+                self.client.set_tag(self.parent_run_id(), tag, str(count))
         running = "attributes.status = 'RUNNING'"
         dangling = self._search(f"tags.`{ROLE}` = 'trial' and {running}")
         for run in dangling:
@@ -264,13 +294,15 @@ class SweepTracker(tune.Callback):
         for start in range(0, len(metrics), 1000):
             self.client.log_batch(run_id, metrics=metrics[start:start + 1000])
 
-    def _log_artifacts(self, run_id: str, trial: tune.experiment.Trial, config: TrialConfig) -> None:
-        """The trial's config, and from its last checkpoint the adapter, predictions and summary."""
+    def _log_artifacts(
+        self, run_id: str, trial: tune.experiment.Trial, config: TrialConfig, adapter: bool = True
+    ) -> None:
+        """The trial's config, and with `adapter` from its last checkpoint the adapter, predictions and summary."""
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
             self.client.log_artifact(run_id, str(Path(tmp) / "config.json"))
         path = self._checkpoints.get(trial.trial_id)
-        if path is None:
+        if path is None or not adapter:
             return
         with checkpoint_at(path, config.storage_path).as_directory() as folder:
             for name in ADAPTER_FILES:

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import random
 import resource
 import tempfile
@@ -34,7 +35,7 @@ import densemod
 from . import checkpoint as ckpt
 from . import precision as mixed
 from .batching import epoch_batches, token_counts
-from .config import TrialConfig
+from .config import DIVERGED, TrialConfig
 from .data import IGNORE_INDEX, TokenizedRows, collate
 from .evaluate import accuracy, evaluate
 from .increments import SnapshotRecorder, load_snapshots
@@ -117,6 +118,8 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             loss, tokens, slots = train_step(
                 ddp_model, inputs, token_counts(lengths, micro_batches), world, device, precision, cfg, optimizer
             )
+            if not math.isfinite(loss):
+                return diverged(summary, position.step + 1, loss, rank)
             scheduler.step()
             after_step(position.step + 1)
             optimizer.zero_grad(set_to_none=True)
@@ -157,6 +160,15 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def diverged(summary: dict[str, Any], step: int, loss: float, rank: int) -> dict[str, Any]:
+    """End the run at a non-finite loss: every worker reports it (the report is a barrier), without a checkpoint, and
+    the summary says at which step. The sweep tells Tune the objectives' worst values and ends the run FAILED."""
+    log(rank, f"step {step}: the loss is {loss}; the run diverged and stops here, its weights as of step {step - 1}")
+    summary[DIVERGED] = step
+    ray.train.report({"step": step, DIVERGED: step})
+    return summary
+
+
 def build_model(
     cfg: TrialConfig, precision: str, device: torch.device, total_steps: int
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
@@ -179,7 +191,8 @@ def train_step(
 ) -> tuple[float, int, int]:
     """One optimizer step over this worker's micro-batches, whose (real tokens, token slots) are `counts`.
 
-    Returns the global batch's mean token loss, real tokens and token slots (padding included). The loss is summed
+    Returns the global batch's mean token loss, real tokens and token slots (padding included); the optimizer does not
+    step when that loss is not finite. The loss is summed
     over the global batch's target tokens and divided by their count, so it does not depend on how the batch is
     split between workers and accumulation steps.
     """
@@ -196,9 +209,11 @@ def train_step(
             # DDP averages gradients over workers; the loss is already a share of the global sum.
             (loss * world).backward()
         loss_sum += loss.item()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-    optimizer.step()
     (global_loss,) = all_reduce_sum(device, loss_sum)
+    # A non-finite loss leaves the weights as they were: the caller ends the run, and no NaN reaches an adapter.
+    if math.isfinite(global_loss):
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+        optimizer.step()
     return global_loss, tokens, slots
 
 

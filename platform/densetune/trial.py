@@ -12,19 +12,23 @@ them, so that --help answers at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import math
 import os
+import signal
 import sys
 import time
 import typing
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 import ray
 
-from .config import DTYPES, EVAL_MODES, PROTOCOLS, TrialConfig, comma_list, field_type
+from .config import DIVERGED, DTYPES, EVAL_MODES, PROTOCOLS, TrialConfig, comma_list, field_type
+from .storage import check_storage, storage_root
 
 if TYPE_CHECKING:
     import numpy as np
@@ -47,6 +51,11 @@ class TrialResult:
     @property
     def accuracies(self) -> dict[str, float]:
         return {k: v for k, v in self.summary["evaluations"][-1].items() if k != "step"} if self.summary["evaluations"] else {}
+
+    @property
+    def diverged_at(self) -> Optional[int]:
+        """The step whose loss was not finite, where the run ended; None if it did not diverge."""
+        return self.summary.get(DIVERGED)
 
 
 def prepare(config: TrialConfig, data: Optional[TrialData] = None) -> tuple[TrialData, np.ndarray]:
@@ -83,11 +92,13 @@ def check_config(config: TrialConfig) -> None:
     for name in ("max_steps", "stop_after_step", "checkpoint_every", "eval_every", "eval_limit", "snapshot_every"):
         if getattr(config, name) is not None:
             check_positive(name, getattr(config, name))
+    check_non_negative("warmup_steps", config.warmup_steps, "no warm-up")
+    check_non_negative("seed", config.seed)
+    for name in ("eval_batch_size", "max_new_tokens"):
+        check_positive(name, getattr(config, name))
     check_fraction(config.data_fraction)
-    for name in ("cpus_per_worker", "gpus_per_worker"):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(f"{name} must be a positive number (fractions allowed); got {value!r}")
+    for name in ("lr", "max_grad_norm", "cpus_per_worker", "gpus_per_worker"):
+        check_positive_number(name, getattr(config, name))
     per_step = config.micro_batch_size * max(1, config.num_workers)
     if config.batch_size % per_step:
         raise ValueError(
@@ -102,9 +113,7 @@ def check_adapter_fits(config: TrialConfig) -> None:
 
     from .models import meta_model
 
-    model = meta_model(config.model)
-    if model is not None:
-        get_peft_model(model, config.peft_config(total_steps=2), low_cpu_mem_usage=True)
+    get_peft_model(meta_model(config.model), config.peft_config(total_steps=2), low_cpu_mem_usage=True)
 
 
 def check_positive(name: str, value: Any) -> None:
@@ -112,27 +121,52 @@ def check_positive(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive integer; got {value!r}")
 
 
-def check_non_negative(name: str, value: Any, zero_means: str) -> None:
+def check_positive_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number; got {value!r}")
+
+
+def check_non_negative(name: str, value: Any, zero_means: Optional[str] = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer (0: {zero_means}); got {value!r}")
+        meaning = f" (0: {zero_means})" if zero_means else ""
+        raise ValueError(f"{name} must be a non-negative integer{meaning}; got {value!r}")
 
 
-def ensure_ray() -> None:
-    """Use the Ray this process already joined, else the cluster in RAY_ADDRESS, else start a local one.
+def ensure_ray() -> bool:
+    """Use the Ray this process already joined, else join the cluster RAY_ADDRESS names, else start a Ray of its own
+    on 127.0.0.1. Returns whether it started or joined one (the caller then shuts it down).
 
-    Joining a cluster, the project's own packages travel in the runtime environment, so every node runs the code
-    this driver runs.
+    Never ray.init() without an address: that joins whatever Ray it finds running on the machine (another user's
+    study, a test's head). Joining a cluster, the project's own packages travel in the runtime environment, so every
+    node runs the code this driver runs.
     """
     if ray.is_initialized():
-        return
+        return False
     os.environ.update({k: os.environ.get(k, v) for k, v in RAY_ENV.items()})
     runtime_env: dict[str, Any] = {"env_vars": {k: os.environ[k] for k in RAY_ENV}}
-    if os.environ.get("RAY_ADDRESS"):
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
         import densemod
         import densetune
 
         runtime_env["py_modules"] = [str(Path(package.__file__).parent) for package in (densemod, densetune)]
-    ray.init(runtime_env=runtime_env)
+        ray.init(address=address, runtime_env=runtime_env)
+    else:
+        loopback_only()
+        ray.init(address="local", runtime_env=runtime_env)
+    return True
+
+
+def loopback_only() -> None:
+    """Keep a local Ray's servers, agents and workers on 127.0.0.1; by default they listen on every interface.
+
+    Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 once, when it is imported: the variable reaches the processes Ray
+    starts, and the constant it set is changed here for this process, which imported Ray before.
+    """
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def uses_gpu(config: TrialConfig) -> bool:
@@ -149,11 +183,6 @@ def workers_that_fit(config: TrialConfig, gpu: bool) -> int:
     per_worker = worker_resources(config, gpu)
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
     return sum(min(int(node.get(kind, 0) // amount) for kind, amount in per_worker.items()) for node in nodes)
-
-
-def storage_root(path: str) -> str:
-    """A storage path as Ray wants it: a URI (s3://, gs://) as it is, a local folder absolute."""
-    return path.rstrip("/") if "://" in path else str(Path(path).resolve())
 
 
 def check_placeable(config: TrialConfig, gpu: bool) -> None:
@@ -195,33 +224,46 @@ def run_trial(
 
     started, started_at = time.perf_counter(), time.time()
     data, examples = prepare(config, data)
-    ensure_ray()
-    gpu = uses_gpu(config)
-    check_placeable(config, gpu)
-    resources = worker_resources(config, gpu)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "config": dataclasses.asdict(config),
-            "train": data.train if isinstance(data.train, ray.ObjectRef) else ray.put(data.train),
-            "train_indices": examples,
-            "eval_sets": ray.put([eval_set(config, name, rows) for name, rows in data.eval_sets]),
-            "started_at": started_at,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.num_workers, use_gpu=gpu, resources_per_worker=resources
-        ),
-        run_config=ray.train.RunConfig(
-            name=config.name or default_name(config),
-            storage_path=storage_root(config.storage_path),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=list(callbacks),
-        ),
-    )
-    result = trainer.fit()
-    # Local mode hands back a checkpoint in a temporary folder that is already gone.
-    checkpoint = result.checkpoint.path if result.checkpoint and result.path else None
-    return TrialResult(config, result.return_value, result.path, checkpoint, time.perf_counter() - started)
+    check_storage(config.storage_path)
+    with own_ray():
+        gpu = uses_gpu(config)
+        check_placeable(config, gpu)
+        resources = worker_resources(config, gpu)
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={
+                "config": dataclasses.asdict(config),
+                "train": data.train if isinstance(data.train, ray.ObjectRef) else ray.put(data.train),
+                "train_indices": examples,
+                "eval_sets": ray.put([eval_set(config, name, rows) for name, rows in data.eval_sets]),
+                "started_at": started_at,
+            },
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=config.num_workers, use_gpu=gpu, resources_per_worker=resources
+            ),
+            run_config=ray.train.RunConfig(
+                name=config.name or default_name(config),
+                storage_path=storage_root(config.storage_path),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                callbacks=list(callbacks),
+            ),
+        )
+        result = trainer.fit()
+        # Local mode hands back a checkpoint in a temporary folder that is already gone.
+        checkpoint = result.checkpoint.path if result.checkpoint and result.path else None
+        return TrialResult(config, result.return_value, result.path, checkpoint, time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def own_ray() -> Iterator[None]:
+    """Ray for the duration of the block: the one this process already uses, or one started (or joined) for it and
+    shut down after it, also on Ctrl-C or an error."""
+    started = ensure_ray()
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def default_name(config: TrialConfig) -> str:
@@ -264,14 +306,31 @@ def parse_args(argv: Optional[list[str]] = None) -> TrialConfig:
     return TrialConfig(**vars(parser.parse_args(argv)))
 
 
+def stop_on_sigterm() -> None:
+    """Treat SIGTERM (kill, a scheduler's cancel) as Ctrl-C, so that the Ray this process started is shut down and no
+    MLflow run is left RUNNING; Python's default would end the process without either."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     config = parse_args(argv)
+    stop_on_sigterm()
     try:
         result = run_trial(config)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print_summary(result)
+    if result.diverged_at is not None:
+        print(
+            f"error: the trial diverged: its loss was not finite at step {result.diverged_at}, where it stopped",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -1,0 +1,59 @@
+"""A study runs on a Ray of its own, on loopback, and a shared tracking store survives sweeps that start together."""
+
+import json
+import multiprocessing
+import multiprocessing.synchronize
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+
+from densetune.tracking import check_tracking_uri
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Run as a separate driver, without the loopback variable the tests set for themselves: ensure_ray must set it.
+OWN_RAY = """
+import json, psutil, ray
+from densetune.trial import ensure_ray
+assert ensure_ray()
+ray.get(ray.remote(lambda: 1).remote())  # a worker, listening like the rest
+processes = [psutil.Process(), *psutil.Process().children(recursive=True)]
+listening = sorted({c.laddr.ip for p in processes for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN})
+print(json.dumps({"gcs": ray.get_runtime_context().gcs_address, "listening": listening, "processes": len(processes)}))
+ray.shutdown()
+"""
+
+
+def test_a_study_starts_its_own_ray_on_loopback_beside_another(local_ray):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    done = subprocess.run([sys.executable, "-c", OWN_RAY], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    # not the Ray this test process runs (a bare ray.init() would have joined it)
+    assert seen["gcs"] != ray.get_runtime_context().gcs_address
+    assert seen["processes"] > 3 and seen["listening"]
+    assert set(seen["listening"]) <= {"127.0.0.1", "::ffff:127.0.0.1"}, seen["listening"]
+
+
+def open_store(uri: str, start: multiprocessing.synchronize.Event) -> None:
+    start.wait()
+    check_tracking_uri(uri)
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_two_sweeps_can_create_one_new_sqlite_store_at_once(tmp_path, attempt):
+    # Without the store's lock one of the two failed each of 3 times: "duplicate column name: step".
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    context = multiprocessing.get_context("spawn")
+    start = context.Event()
+    processes = [context.Process(target=open_store, args=(uri, start)) for _ in range(2)]
+    for process in processes:
+        process.start()
+    start.set()
+    for process in processes:
+        process.join(timeout=120)
+    assert [p.exitcode for p in processes] == [0, 0]
