@@ -272,3 +272,43 @@ def test_a_diverging_trial_is_a_failed_run_tagged_with_its_step_and_the_worst_re
     for path in written:
         for line in path.read_text().splitlines() if path.name == "result.json" else [path.read_text()]:
             strict_json(line)
+
+
+def kill_a_training_worker_after(checkpoint: str, folder: Path, deadline_s: float = 240) -> dict:
+    """Wait for a checkpoint folder of that name under `folder`, then SIGKILL this test's Ray Train worker."""
+    import psutil
+
+    seen: dict = {}
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline and not list(folder.glob(f"**/{checkpoint}")):
+        time.sleep(0.05)
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if process.cmdline()[:1] == ["ray::RayTrainWorker"] or process.name().startswith("ray::RayTrainWor"):
+                process.kill()
+                seen["killed"] = process.pid
+        except psutil.NoSuchProcess:
+            pass
+    return seen
+
+
+def test_a_lost_worker_restarts_the_trial_from_its_checkpoint_as_one_run(local_ray, tmp_path):
+    import threading
+
+    config = trial(tmp_path, max_steps=60, checkpoint_every=5, report_every=1, eval_at_start=False)
+    killer: dict = {}
+    thread = threading.Thread(
+        # at the second checkpoint, so that the first one is surely registered
+        target=lambda: killer.update(kill_a_training_worker_after("checkpoint_000010", tmp_path / "runs" / "lost"))
+    )
+    thread.start()
+    result = run_sweep(SweepConfig("lost_study", {"rank": [4]}, config, name="lost"))
+    thread.join()
+
+    assert killer.get("killed"), "no training worker was found to kill"
+    client, parents, children = tracked(result.tracking_uri, "lost")
+    assert [c.info.status for c in children] == ["FINISHED"] and result.failed == []
+    # one history: every step once, although the steps after the checkpoint ran twice
+    assert [m.step for m in client.get_metric_history(children[0].info.run_id, "loss")] == list(range(1, 61))
+    summary = json.loads(Path(client.download_artifacts(children[0].info.run_id, "summary.json", str(tmp_path))).read_text())
+    assert summary["resumed_from_step"] is not None and summary["resumed_from_step"] % 5 == 0

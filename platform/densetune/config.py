@@ -65,6 +65,9 @@ class TrialConfig:
     use_gpu: Optional[bool] = None  # None: when the cluster has GPUs
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
+    # restarts of the worker group after a lost worker or node, each from the last checkpoint (or the start; Ray
+    # Train's FailureConfig); a trial fails after one more
+    max_failures: int = 2
     # reporting, checkpoints, evaluation
     report_every: int = 10
     checkpoint_every: Optional[int] = None  # None: only at the end

@@ -147,6 +147,7 @@ class SweepTracker(tune.Callback):
         self._last: dict[str, dict] = {}  # trial id -> last result with a step
         self._nodes: dict[str, str] = {}  # trial id -> the node its rank 0 runs on
         self._diverged: set[str] = set()  # trial ids whose loss was not finite
+        self._steps: dict[str, dict[str, int]] = {}  # trial id -> metric -> last step logged
 
     # Tune pickles its callbacks with the experiment state; the client and the caches are rebuilt on restore.
     def __getstate__(self) -> dict:
@@ -208,7 +209,13 @@ class SweepTracker(tune.Callback):
         self._last[trial.trial_id] = result
         stamp, step = now_ms(), int(result["step"])
         names = [k for k in result if k in STEP_METRICS or k.startswith(ACCURACY_PREFIXES)]
-        metrics = [Metric(k, float(result[k]), stamp, step) for k in names if result[k] is not None]
+        # A trial restarted from a checkpoint (a lost worker, a resumed sweep) reports again the steps after it: each
+        # metric is logged once per step, so the run keeps one history.
+        logged = self._logged_steps(run_id, trial.trial_id, names)
+        metrics = [
+            Metric(k, float(result[k]), stamp, step) for k in names if result[k] is not None and step > logged.get(k, -1)
+        ]
+        logged.update({m.key: step for m in metrics})
         facts = {k: str(cast(result[k])) for k, cast in FACTS.items() if k in result}
         self._log(run_id, params=facts, metrics=metrics)
         if result.get("node_id") and self._nodes.get(trial.trial_id) != result["node_id"]:
@@ -277,6 +284,15 @@ class SweepTracker(tune.Callback):
             self._log(run_id, params=config_params(config))
         self._runs[trial.trial_id] = run_id
         return run_id
+
+    def _logged_steps(self, run_id: str, trial_id: str, names: Sequence[str]) -> dict[str, int]:
+        """The last step logged of each metric in `names` for this trial, read from the store once per driver."""
+        logged = self._steps.setdefault(trial_id, {})
+        for name in names:
+            if name not in logged:
+                history = self.client.get_metric_history(run_id, name)
+                logged[name] = max((m.step for m in history), default=-1)
+        return logged
 
     def _reopen(self, run_id: str) -> None:
         if self.client.get_run(run_id).info.status != "RUNNING":

@@ -93,6 +93,7 @@ def check_config(config: TrialConfig) -> None:
         if getattr(config, name) is not None:
             check_positive(name, getattr(config, name))
     check_non_negative("warmup_steps", config.warmup_steps, "no warm-up")
+    check_non_negative("max_failures", config.max_failures, "a lost worker fails the trial")
     check_non_negative("seed", config.seed)
     for name in ("eval_batch_size", "max_new_tokens"):
         check_positive(name, getattr(config, name))
@@ -245,6 +246,7 @@ def run_trial(
                 name=config.name or default_name(config),
                 storage_path=storage_root(config.storage_path),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
                 callbacks=list(callbacks),
             ),
         )
