@@ -57,3 +57,33 @@ def test_two_sweeps_can_create_one_new_sqlite_store_at_once(tmp_path, attempt):
     for process in processes:
         process.join(timeout=120)
     assert [p.exitcode for p in processes] == [0, 0]
+
+
+def test_the_runs_a_dead_driver_left_running_can_be_listed_and_closed(tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    from densetune.config import TrialConfig
+    from densetune.sweep import main
+    from densetune.tracking import ROLE, SWEEP, SweepTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    check_tracking_uri(uri)
+    # what a driver killed mid-sweep leaves behind: the sweep's run and a trial's run, both RUNNING
+    tracker = SweepTracker(uri, "a_study", "stale", TrialConfig.from_dict, [], {})
+    client = MlflowClient(uri)
+    client.create_run(tracker.experiment_id, run_name="t0 rank=4", tags={ROLE: "trial", SWEEP: "stale"})
+    tracker.parent_run_id()
+
+    assert main(["--tracking-uri", uri, "list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[0].split() == ["sweep", "study", "status", "started", "trials"]
+    assert listed[1].split()[:3] == ["stale", "a_study", "RUNNING"] and listed[1].endswith("1 RUNNING")
+
+    assert main(["--tracking-uri", uri, "close", "stale"]) == 0
+    closed = capsys.readouterr().out.splitlines()
+    assert closed[0] == "sweep stale: closed 2 run(s) left RUNNING" and sorted(closed[1:]) == ["  stale", "  t0 rank=4"]
+    runs = client.search_runs([tracker.experiment_id])
+    assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED"]
+
+    assert main(["--tracking-uri", uri, "close", "stael"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: no sweep named 'stael' in {uri}; the sweeps there: stale"

@@ -7,10 +7,14 @@
 
 The sweep's folder is <storage_path>/<name>: Tune's experiment state, and under trials/ each trial's Ray Train run
 (checkpoints). Running it again with resume=True continues it; finished trials are not run again.
+
+    python -m densetune.sweep list            # the sweeps in the store, their status and trials
+    python -m densetune.sweep close NAME      # end as KILLED the runs a dead driver left RUNNING
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import itertools
 import json
@@ -322,3 +326,41 @@ def sweep_params(sweep: SweepConfig, folder: str) -> dict[str, str]:
         "max_concurrent": str(sweep.max_concurrent), "model": sweep.trial.model,
         "datasets": ",".join(sweep.trial.datasets),
     }
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """python -m densetune.sweep list | close NAME"""
+    from .tracking import close_sweep, default_tracking_uri, sweeps
+
+    parser = argparse.ArgumentParser(
+        prog="python -m densetune.sweep", description="The sweeps in a tracking store, and closing one whose driver died.",
+    )
+    parser.add_argument(
+        "--tracking-uri", help="the MLflow store (default: $MLFLOW_TRACKING_URI, else the embedded store of "
+        "--storage-path, as the studies use)",
+    )
+    parser.add_argument("--storage-path", default="runs", help="(default: %(default)s)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="every sweep: its study, status, start and its trials by status")
+    close = commands.add_parser(
+        "close", help="end as KILLED every run of a sweep still RUNNING; for a sweep whose driver is gone (to go on "
+        "with it instead, run its study again with --resume)",
+    )
+    close.add_argument("name")
+    args = parser.parse_args(argv)
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(args.storage_path)
+    if args.command == "list":
+        found = sweeps(uri)
+        print(found.to_string(index=False) if not found.empty else f"no sweeps in {uri}")
+        return 0
+    try:
+        closed = close_sweep(args.name, uri)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"sweep {args.name}: closed {len(closed)} run(s) left RUNNING" + "".join(f"\n  {n}" for n in closed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -360,6 +360,40 @@ def sweep_runs(sweep: str, tracking_uri: str, study: Optional[str] = None) -> pd
     return pd.DataFrame(rows).sort_values("trial_id", ignore_index=True) if rows else pd.DataFrame(rows)
 
 
+def sweeps(tracking_uri: str) -> pd.DataFrame:
+    """One row per sweep in the store: its name, study, status, start, and how many of its trials ended how."""
+    client = MlflowClient(tracking_uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    parents, trials = (
+        client.search_runs(ids, f"tags.`{ROLE}` = '{role}'", max_results=50_000) if ids else [] for role in ("sweep", "trial")
+    )
+    rows = []
+    for parent in parents:
+        name = parent.data.tags[SWEEP]
+        statuses = pd.Series([r.info.status for r in trials if r.data.tags.get(SWEEP) == name], dtype=str)
+        rows.append({
+            "sweep": name, "study": parent.data.tags.get(STUDY), "status": parent.info.status,
+            "started": pd.Timestamp(parent.info.start_time, unit="ms").strftime("%Y-%m-%d %H:%M"),
+            "trials": ", ".join(f"{n} {status}" for status, n in statuses.value_counts().sort_index().items()),
+        })
+    return pd.DataFrame(rows, columns=["sweep", "study", "status", "started", "trials"])
+
+
+def close_sweep(sweep: str, tracking_uri: str) -> list[str]:
+    """End as KILLED every run of `sweep` still RUNNING: what a driver that died (kill -9, a lost head) leaves behind.
+    Returns their names. Raises ValueError naming the known sweeps when the store has none of that name."""
+    client = MlflowClient(tracking_uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(ids, f"tags.{SWEEP} = '{sweep}'", max_results=10_000) if ids else []
+    if not any(r.data.tags.get(ROLE) == "sweep" for r in runs):
+        known = ", ".join(sorted(sweeps(tracking_uri)["sweep"])) or "none"
+        raise ValueError(f"no sweep named {sweep!r} in {tracking_uri}; the sweeps there: {known}")
+    running = [r for r in runs if r.info.status == "RUNNING"]
+    for run in running:
+        client.set_terminated(run.info.run_id, "KILLED")
+    return [run.info.run_name for run in running]
+
+
 def typed_param(name: str, value: str) -> Any:
     kind = FACTS.get(name) or (field_type(name) or (str, False))[0]
     if kind is bool:
