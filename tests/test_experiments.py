@@ -204,3 +204,24 @@ def test_a_sweep_with_failed_trials_exits_1_and_names_their_error_files(tmp_path
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.sweep = 'failing'")
     assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED"]  # the trial and the sweep
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--smoke", "--set", "lr=-1"], "error: the trial rank=4: lr must be a positive number; got -1.0"),
+        (["--smoke", "--set", "model=org/missing"], "error: the trial rank=4: model 'org/missing' is neither a local"),
+        (["--smoke", "--dataset", "BAD"], "error: BAD: row 0 has no field 'input'"),
+    ],
+)
+def test_bad_input_leaves_no_store_and_no_folder(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the Hub cannot be reached, with or without network
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"instruction": "Pick one."}]')
+    argv = [a.replace("BAD", str(bad)) for a in argv]
+    storage = tmp_path / "runs"
+    study = load(ROOT / "experiments" / "rank_sweep.py").STUDY
+    assert main(study, "", [*argv, "--space", "rank=4", "--storage-path", str(storage)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message.replace("BAD", str(bad))) and err.count("\n") == 1
+    assert not storage.exists()

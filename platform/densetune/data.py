@@ -16,10 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import load_dataset
+from datasets import disable_progress_bars, load_dataset
 from datasets.exceptions import DatasetGenerationError
 from transformers import PreTrainedTokenizerBase
 
+# Reading a local file takes well under a second; its progress bars would only stand between the user and a message.
+disable_progress_bars()
 
 REQUIRED_FIELDS = ("instruction", "input", "output", "answer")
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
