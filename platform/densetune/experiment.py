@@ -235,14 +235,11 @@ def main(study: Study, description: str, argv: Optional[list[str]] = None) -> in
     out = None if "://" not in result.path else tempfile.mkdtemp()
     print(f"\nreport (tables, paired tests, figures): {write_report(result.name, result.tracking_uri, study.name, out)}")
     print(f"\nMLflow experiment {study.name!r}, sweep tag {result.name!r}. To browse it:\n  {ui_command(result.tracking_uri)}")
-    if result.diverged:
-        print(
-            f"\nerror: {len(result.diverged)} of {len(result.trials)} trials diverged (their loss was not finite; "
-            "MLflow tag 'diverged' holds the step):\n  " + "\n  ".join(result.diverged), file=sys.stderr,
-        )
-    if result.failed:
-        print(
-            f"\nerror: {len(result.failed)} of {len(result.trials)} trials failed; their errors:\n  "
-            + "\n  ".join(result.failed), file=sys.stderr,
-        )
+    unsuccessful = [
+        (result.diverged, "diverged (their loss was not finite; MLflow tag 'diverged' holds the step)"),
+        (result.failed, "failed; their errors"),
+    ]
+    for paths, what in unsuccessful:
+        if paths:
+            print(f"\nerror: {len(paths)} of {len(result.trials)} trials {what}:\n  " + "\n  ".join(paths), file=sys.stderr)
     return 1 if result.failed or result.diverged else 0

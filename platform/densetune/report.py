@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Run
 
 from .stats import McNemar, holm, majority_baseline, mcnemar, mean_interval
-from .tracking import PREDICTIONS, ROLE, SNAPSHOTS, SWEEP, default_tracking_uri, sweep_runs
+from .tracking import PREDICTIONS, ROLE, SNAPSHOTS, SWEEP, default_tracking_uri, experiment_ids, sweep_runs
 
 FINISHED = "FINISHED"
 AVERAGE = "average"
@@ -142,8 +142,7 @@ def load_sweep(sweep: str, tracking_uri: str, study: Optional[str], downloads: P
 
 
 def find_parent(client: MlflowClient, sweep: str, tracking_uri: str, study: Optional[str]) -> Run:
-    experiments = [client.get_experiment_by_name(study)] if study else client.search_experiments()
-    ids = [e.experiment_id for e in experiments if e is not None]
+    ids = experiment_ids(client, study)
     query = f"tags.{SWEEP} = '{sweep}' and tags.`{ROLE}` = 'sweep'"
     runs = client.search_runs(ids, query, max_results=1) if ids else []
     if not runs:

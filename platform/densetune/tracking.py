@@ -347,8 +347,7 @@ def sweep_runs(sweep: str, tracking_uri: str, study: Optional[str] = None) -> pd
     Params carry TrialConfig's types (rank is an int, lr a float), so the frame sorts and plots as expected.
     """
     client = MlflowClient(tracking_uri)
-    experiments = [client.get_experiment_by_name(study)] if study else client.search_experiments()
-    ids = [e.experiment_id for e in experiments if e is not None]
+    ids = experiment_ids(client, study)
     runs = client.search_runs(ids, f"tags.{SWEEP} = '{sweep}' and tags.`{ROLE}` = 'trial'", max_results=10_000) if ids else []
     rows = [
         {
@@ -360,10 +359,16 @@ def sweep_runs(sweep: str, tracking_uri: str, study: Optional[str] = None) -> pd
     return pd.DataFrame(rows).sort_values("trial_id", ignore_index=True) if rows else pd.DataFrame(rows)
 
 
+def experiment_ids(client: MlflowClient, study: Optional[str] = None) -> list[str]:
+    """The ids of the store's experiments, or of the one named `study` (none if it does not exist)."""
+    experiments = [client.get_experiment_by_name(study)] if study else client.search_experiments()
+    return [e.experiment_id for e in experiments if e is not None]
+
+
 def sweeps(tracking_uri: str) -> pd.DataFrame:
     """One row per sweep in the store: its name, study, status, start, and how many of its trials ended how."""
     client = MlflowClient(tracking_uri)
-    ids = [e.experiment_id for e in client.search_experiments()]
+    ids = experiment_ids(client)
     parents, trials = (
         client.search_runs(ids, f"tags.`{ROLE}` = '{role}'", max_results=50_000) if ids else [] for role in ("sweep", "trial")
     )
@@ -383,7 +388,7 @@ def close_sweep(sweep: str, tracking_uri: str) -> list[str]:
     """End as KILLED every run of `sweep` still RUNNING: what a driver that died (kill -9, a lost head) leaves behind.
     Returns their names. Raises ValueError naming the known sweeps when the store has none of that name."""
     client = MlflowClient(tracking_uri)
-    ids = [e.experiment_id for e in client.search_experiments()]
+    ids = experiment_ids(client)
     runs = client.search_runs(ids, f"tags.{SWEEP} = '{sweep}'", max_results=10_000) if ids else []
     if not any(r.data.tags.get(ROLE) == "sweep" for r in runs):
         known = ", ".join(sorted(sweeps(tracking_uri)["sweep"])) or "none"
