@@ -1,8 +1,14 @@
-"""A sweep on a Ray cluster of three nodes on this machine (ray.cluster_utils): a head without CPUs and two
-one-CPU workers, so two one-worker trials at once must run on different nodes."""
+"""Sweeps on a Ray cluster of three nodes on this machine (ray.cluster_utils): a head without CPUs and two one-CPU
+workers, so two one-worker trials at once must run on different nodes, and a trial whose node is lost can go on
+on the other."""
 
+import json
 import os
+import threading
+import time
+from pathlib import Path
 
+import psutil
 import pytest
 import ray
 from mlflow import MlflowClient
@@ -13,26 +19,79 @@ from densetune.experiment import LOCAL, SMOKE
 from densetune.sweep import SweepConfig, run_sweep
 from densetune.trial import RAY_ENV
 
+# A lost node is declared dead after health_check_failure_threshold missed checks, health_check_period_ms apart
+# (by default 5 x 3 s, after a 5 s grace): shortened, so that a test of a lost node takes seconds, not half a minute.
+FAST_HEALTH_CHECKS = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 500, "health_check_failure_threshold": 3}
+
 
 @pytest.fixture
 def three_nodes():
     os.environ.update(RAY_ENV)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": FAST_HEALTH_CHECKS})
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, runtime_env={"env_vars": RAY_ENV})
-    yield [node.node_id for node in workers]
+    yield cluster, workers
     ray.shutdown()
     cluster.shutdown()
 
 
-def test_concurrent_trials_land_on_different_nodes_and_are_all_tracked(three_nodes, tmp_path):
-    trial = TrialConfig(**{**LOCAL, **SMOKE, "storage_path": str(tmp_path)})
-    result = run_sweep(SweepConfig("multinode", {"rank": [4, 8]}, trial, name="spread", max_concurrent=2))
+def trial(tmp_path: Path, **settings) -> TrialConfig:
+    return TrialConfig(**{**LOCAL, **SMOKE, "storage_path": str(tmp_path), **settings})
 
-    client = MlflowClient(result.tracking_uri)
-    runs = client.search_runs([client.get_experiment_by_name("multinode").experiment_id], "tags.sweep = 'spread'")
-    children = [r for r in runs if r.data.tags["densetune.role"] == "trial"]
+
+def trial_runs(uri: str, study: str, sweep: str) -> tuple[MlflowClient, list, list]:
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(study).experiment_id], f"tags.sweep = '{sweep}'")
+    return client, runs, [r for r in runs if r.data.tags["densetune.role"] == "trial"]
+
+
+def test_concurrent_trials_land_on_different_nodes_and_are_all_tracked(three_nodes, tmp_path):
+    _, workers = three_nodes
+    result = run_sweep(SweepConfig("multinode", {"rank": [4, 8]}, trial(tmp_path), name="spread", max_concurrent=2))
+
+    _, runs, children = trial_runs(result.tracking_uri, "multinode", "spread")
     assert sorted(r.info.status for r in runs) == ["FINISHED"] * 3
     nodes = [r.data.tags["ray.node_id"] for r in children]
-    assert sorted(nodes) == sorted(three_nodes)
+    assert sorted(nodes) == sorted(node.node_id for node in workers)
+
+
+def node_of_the_training_worker(workers: list) -> object:
+    """The worker node whose raylet started this test's Ray Train worker."""
+    for process in psutil.process_iter():
+        try:
+            if process.name().startswith("ray::RayTrainWor") or process.cmdline()[:1] == ["ray::RayTrainWorker"]:
+                parent = process.ppid()
+                return next(n for n in workers if parent in {p.process.pid for p in n.all_processes["raylet"]})
+        except (psutil.NoSuchProcess, StopIteration):
+            pass
+    raise AssertionError("no training worker was found on the worker nodes")
+
+
+def test_a_trial_whose_node_is_lost_goes_on_from_its_checkpoint_on_another_node(three_nodes, tmp_path):
+    cluster, workers = three_nodes
+    lost: dict = {}
+
+    def lose_the_node_after(checkpoint: str, deadline_s: float = 240) -> None:
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline and not list(tmp_path.glob(f"**/{checkpoint}")):
+            time.sleep(0.05)
+        node = node_of_the_training_worker(workers)
+        lost["node"] = node.node_id
+        cluster.remove_node(node, allow_graceful=False)  # its raylet and every process on it killed, as a lost machine
+
+    config = trial(tmp_path, max_steps=40, checkpoint_every=5, report_every=1, eval_at_start=False)
+    killer = threading.Thread(target=lose_the_node_after, args=("checkpoint_000010",))
+    killer.start()
+    result = run_sweep(SweepConfig("lost_node", {"rank": [4]}, config, name="lost"))
+    killer.join()
+
+    assert lost.get("node"), "the node was not removed"
+    client, runs, children = trial_runs(result.tracking_uri, "lost_node", "lost")
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 2 and result.failed == []
+    (child,) = children
+    # it ended on the other worker node, as one run with one history
+    assert child.data.tags["ray.node_id"] == next(n.node_id for n in workers if n.node_id != lost["node"])
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == list(range(1, 41))
+    summary = json.loads(Path(client.download_artifacts(child.info.run_id, "summary.json", str(tmp_path))).read_text())
+    assert summary["resumed_from_step"] is not None and summary["resumed_from_step"] >= 10

@@ -87,3 +87,25 @@ def test_the_runs_a_dead_driver_left_running_can_be_listed_and_closed(tmp_path, 
 
     assert main(["--tracking-uri", uri, "close", "stael"]) == 2
     assert capsys.readouterr().err.strip() == f"error: no sweep named 'stael' in {uri}; the sweeps there: stale"
+
+
+def test_two_studies_started_together_on_one_new_store_both_succeed(tmp_path):
+    # Each on a Ray of its own, both creating and then writing one new sqlite store at once.
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    command = [sys.executable, str(ROOT / "experiments" / "rank_sweep.py"), "--smoke", "--storage-path", str(tmp_path)]
+    drivers = {
+        name: subprocess.Popen([*command, "--space", f"rank={rank}", "--name", name], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, rank in (("first", 4), ("second", 8))
+    }
+    outputs = {name: driver.communicate(timeout=600) for name, driver in drivers.items()}
+    for name, driver in drivers.items():
+        assert driver.returncode == 0, outputs[name][1][-3000:]
+
+    from densetune.tracking import sweeps, sweep_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    found = sweeps(uri).set_index("sweep")
+    assert sorted(found.index) == ["first", "second"]
+    assert list(found["status"]) == ["FINISHED", "FINISHED"] and list(found["trials"]) == ["1 FINISHED", "1 FINISHED"]
+    assert [sweep_runs(name, uri)["rank"].tolist() for name in ("first", "second")] == [[4], [8]]

@@ -45,8 +45,11 @@ from .trial import (
 from .storage import check_storage, read_text, storage_root, write_text
 
 # A trial's driver only starts its worker group and waits: a sliver of memory, no CPU, so that a 2-worker trial
-# still fits a 2-CPU machine (Tune's default of 1 CPU per trial would leave it 1).
-DRIVER_RESOURCES = {"memory": 256 * 2**20}
+# still fits a 2-CPU machine (Tune's default of 1 CPU per trial would leave it 1). It runs on the head node, beside
+# the sweep's driver: Ray Train's controller goes where the trial's driver is, and a controller lost with a worker
+# node would fail the trial, where a lost worker only restarts it from its checkpoint (FailureConfig).
+# ("node:__internal_head__": the resource Ray gives the head node only.)
+DRIVER_RESOURCES = {"memory": 256 * 2**20, "node:__internal_head__": 0.001}
 RECORD = "densetune_sweep.json"  # in the sweep's folder: its study, tracking store and trial settings, for --resume
 # Search values for "method" may also name a DenseLoRA variant: one axis compares the paper's variants with the
 # PEFT baselines.
