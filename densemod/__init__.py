@@ -7,9 +7,9 @@ point, and exact parameter accounting.
 
 from .accounting import ParameterReport, parameter_report, predict_trainable, target_shapes
 from .denselora import SHARE_SCOPES, VARIANTS, DenseLoraConfig, DenseLoraLayer, DenseLoraModel, MergeError
-from .methods import METHODS, TARGET_SETS, build_peft_config, step_hook
+from .methods import AUXILIARY_LOSS_METHODS, METHODS, TARGET_SETS, build_peft_config, step_hook
 
 __all__ = [
-    "METHODS", "SHARE_SCOPES", "VARIANTS", "DenseLoraConfig", "DenseLoraLayer", "DenseLoraModel", "MergeError",
+    "AUXILIARY_LOSS_METHODS", "METHODS", "SHARE_SCOPES", "VARIANTS", "DenseLoraConfig", "DenseLoraLayer", "DenseLoraModel", "MergeError",
     "ParameterReport", "TARGET_SETS", "build_peft_config", "parameter_report", "predict_trainable", "step_hook", "target_shapes",
 ]

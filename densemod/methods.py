@@ -10,6 +10,9 @@ from .denselora import VARIANTS, DenseLoraConfig
 from .denselora.config import check_alpha, check_choice, check_dropout, check_rank
 
 METHODS = ("denselora", "lora", "dora", "vera", "lokr", "adalora")
+# Methods whose PEFT model adds a regulariser of its own to the model's loss: AdaLoRA its orthogonality penalty on P and
+# Q (orth_reg_weight). Whoever logs the loss should log the task's part apart from it.
+AUXILIARY_LOSS_METHODS = ("adalora",)
 PAPER_TARGETS = ("q", "k", "v", "up", "down")
 # Short names for the LLaMA-family projections; any other name is passed to PEFT as it is.
 TARGET_ALIASES = {

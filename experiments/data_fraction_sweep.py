@@ -1,8 +1,8 @@
 """Low-resource study (the paper's training-data ablation): DenseLoRA trained on a fraction of the data.
 
-    python experiments/data_fraction_sweep.py              # SmolLM2-135M, built-in task, 2 CPU cores: ~25 min
+    python experiments/data_fraction_sweep.py              # SmolLM2-135M on ARC-Easy; --dry-run: its time here
     python experiments/data_fraction_sweep.py --smoke
-    python experiments/data_fraction_sweep.py --dataset ../shared/data/llm-adapters/ARC-Easy --space data_fraction=0.1,0.5,1
+    python experiments/data_fraction_sweep.py --datasets ../shared/data/llm-adapters/ARC-Easy --space data_fraction=0.1,0.5,1
 
 Each trial trains one epoch over its seeded subset, as the paper does, so a smaller fraction also means fewer
 steps; the evaluation set is the same for all.

@@ -1,6 +1,6 @@
 """Method comparison (the paper's main tables): DenseLoRA against the PEFT baselines at the same rank.
 
-    python experiments/method_comparison.py                # SmolLM2-135M, built-in task, 2 CPU cores: ~50 min
+    python experiments/method_comparison.py                # SmolLM2-135M on ARC-Easy; --dry-run: its time here
     python experiments/method_comparison.py --smoke
     python experiments/method_comparison.py --space rank=16,32 --gpus-per-worker 0.5
 

@@ -1,6 +1,6 @@
 """Target-module study (the paper's QKV / UD / QKVUD ablation): which projections DenseLoRA should adapt.
 
-    python experiments/module_sweep.py                     # SmolLM2-135M, built-in task, 2 CPU cores: ~35 min
+    python experiments/module_sweep.py                     # SmolLM2-135M on ARC-Easy; --dry-run: its time here
     python experiments/module_sweep.py --smoke
     python experiments/module_sweep.py --space targets=qkv,qkvo,q+v --space method=denselora,lora
 

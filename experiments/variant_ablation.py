@@ -1,7 +1,7 @@
 """Variant ablation (the paper's "freeze" and "only matrix" rows): what the shared, trained W_e / W_d and the GELUs
 contribute.
 
-    python experiments/variant_ablation.py                 # SmolLM2-135M, built-in task, 2 CPU cores: ~25 min
+    python experiments/variant_ablation.py                 # SmolLM2-135M on ARC-Easy; --dry-run: its time here
     python experiments/variant_ablation.py --smoke
 
 denselora: W_e, W_d (shared per module kind) and each layer's M train, GELU on both sides of M.

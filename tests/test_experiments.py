@@ -71,7 +71,7 @@ def test_flags_set_the_space_and_the_trial_with_their_types():
     study = load(ROOT / "experiments" / "rank_sweep.py").STUDY
     args = parser(study, "").parse_args([
         "--space", "rank=4,16", "--space", "targets=qkv,q+v", "--set", "lr=1e-3", "--set", "eval-limit=none",
-        "--set", "train_on_inputs=true", "--dataset", "synthetic,x/y", "--workers-per-trial", "2",
+        "--set", "train_on_inputs=true", "--datasets", "synthetic,x/y", "--num-workers", "2",
         "--gpus-per-worker", "0.25", "--max-steps", "7", "--max-concurrent", "3", "--scheduler", "asha",
     ])
     sweep = sweep_config(study, args)
@@ -213,7 +213,7 @@ def test_a_sweep_with_failed_trials_exits_1_and_names_their_error_files(tmp_path
     [
         (["--smoke", "--set", "lr=-1"], "error: the trial rank=4: lr must be a positive number; got -1.0"),
         (["--smoke", "--set", "model=org/missing"], "error: the trial rank=4: model 'org/missing' is neither a local"),
-        (["--smoke", "--dataset", "BAD"], "error: BAD: row 0 has no field 'input'"),
+        (["--smoke", "--datasets", "BAD"], "error: BAD: row 0 has no field 'input'"),
     ],
 )
 def test_bad_input_leaves_no_store_and_no_folder(tmp_path, monkeypatch, capsys, argv, message):

@@ -58,19 +58,50 @@ def test_a_grid_sweep_is_one_parent_run_with_one_finished_child_per_trial(local_
     methods = sorted((c.data.params["method"], c.data.params["variant"]) for c in children)
     assert methods == [("denselora", "denselora"), ("denselora", "freeze"), ("lora", "denselora")]
 
+    # children are named by what the sweep searched
+    assert sorted(c.info.run_name for c in children) == ["method=denselora", "method=freeze", "method=lora"]
     for child in children:
         params, tags, metrics = child.data.params, child.data.tags, child.data.metrics
         assert params["rank"] == "4" and params["alpha"] == "8" and params["model"] == "tiny-llama"
         assert params["datasets"] == "synthetic" and params["num_workers"] == "1" and params["total_steps"] == "4"
-        assert int(params["trainable_params"]) == expected_trainable(params["method"], params["variant"], 4)
+        trainable = expected_trainable(params["method"], params["variant"], 4)
+        assert int(params["trainable_params"]) == trainable and metrics["trainable_params"] == trainable
+        assert metrics["total_params"] == int(params["total_params"]) and metrics["total_steps"] == 4
         assert not [k for k in params if "/" in k or k in ("pid", "timestamp", "trial_id", "name")]
+        # resources as used: a CPU run names no GPU count; the sweep's folder is on the sweep's run
+        assert params["use_gpu"] == "False" and "gpus_per_worker" not in params and "storage_path" not in params
         assert tags["study"] == "grid_study" and tags["sweep"] == "g" and tags["ray.trial_id"]
         assert len(tags["mlflow.source.git.commit"]) == 40
         assert {"loss", "learning_rate", "tokens_per_s", "peak_memory_mb", "wall_time_s"} <= set(metrics)
         assert {"accuracy/synthetic", "accuracy/average"} <= set(metrics)
         assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == [2, 4]
+        # the cost: one CPU reserved for the trial's wall time, and every real token of its 4 steps
+        assert metrics["device_seconds"] == pytest.approx(metrics["wall_time_s"]) and metrics["wall_time_s"] > 0
+        summary = json.loads(Path(client.download_artifacts(child.info.run_id, "summary.json", str(tmp_path / child.info.run_id))).read_text())
+        tokens = [h["tokens_per_s"] * h["step_time_s"] for h in summary["history"]]  # steps 2 and 4 of 4
+        assert metrics["tokens_seen"] == summary["history"][-1]["tokens_seen"] > sum(tokens)
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"adapter", "config.json", "predictions.json", "summary.json"} <= artifacts
+    # numbers are metrics too, so the store filters and sorts them as numbers
+    ids = [parents[0].info.experiment_id]
+    sizes = sorted((c.data.metrics["trainable_params"] for c in children), reverse=True)  # e.g. 6,272 after 960
+    large = client.search_runs(ids, f"tags.sweep = 'g' and metrics.trainable_params > {sizes[-1]}",
+                               order_by=["metrics.trainable_params DESC"])
+    assert [r.data.metrics["trainable_params"] for r in large] == sizes[:-1]
+
+    # the sweep's run holds its result: trials by status, the best trial's accuracies and settings, the summary table
+    parent = client.get_run(parents[0].info.run_id)
+    assert parent.data.metrics["trials_finished"] == 3 and parent.data.metrics["trials_failed"] == 0
+    best = max(children, key=lambda c: c.data.metrics["accuracy/average"])
+    assert parent.data.metrics["best/accuracy/average"] == best.data.metrics["accuracy/average"]
+    assert parent.data.metrics["best/accuracy/synthetic"] == best.data.metrics["accuracy/synthetic"]
+    assert parent.data.tags["best.method"] in ("denselora", "freeze", "lora")
+    assert client.get_run(parent.data.tags["best_run_id"]).data.metrics["accuracy/average"] == best.data.metrics["accuracy/average"]
+    assert {"summary.csv", "summary.md"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    table = result.table
+    assert sorted(zip(table["method"], table["variant"])) == methods and set(table["status"]) == {"FINISHED"}
+    assert {"trainable_params", "accuracy/average", "device_seconds", "tokens_seen"} <= set(table.columns)
+    assert (Path(result.path) / "summary.md").read_text().startswith("| method | variant | trainable_params |")
 
     # the logged adapter is the trained one: it loads, and its trained encoder is not the initial one
     dense = next(c for c in children if c.data.params["variant"] == "denselora" and c.data.params["method"] == "denselora")
@@ -82,6 +113,7 @@ def test_a_grid_sweep_is_one_parent_run_with_one_finished_child_per_trial(local_
     frame = sweep_runs("g", result.tracking_uri)
     assert len(frame) == 3 and list(result.trials["run_id"]) == list(frame["run_id"])
     assert frame["rank"].tolist() == [4, 4, 4] and frame["lr"].dtype == float
+    assert frame["trainable_params"].dtype == int and frame["total_steps"].tolist() == [4, 4, 4]
     assert set(frame["status"]) == {"FINISHED"} and frame["accuracy/average"].between(0, 1).all()
 
     # the same name again, without resume: refused, and nothing that was saved is touched

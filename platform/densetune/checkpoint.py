@@ -25,6 +25,7 @@ class Position:
     step: int  # optimizer steps done
     epoch: int
     step_in_epoch: int
+    tokens: int = 0  # real (not padding) tokens trained on so far, over all workers
 
 
 def save_adapter(model: PeftModel, folder: Path) -> None:

@@ -1,9 +1,11 @@
 """The configuration of a trial and of a sweep: what the user wrote, serialisable whole (it is logged to the tracking
-store as is). Plain dataclasses, importable without torch, PEFT or Ray, so that command lines answer --help at once.
+store as is), and the flags that set a trial's fields, with their help. Plain dataclasses, importable without torch,
+PEFT or Ray, so that command lines answer --help at once.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import json
@@ -17,6 +19,13 @@ if TYPE_CHECKING:
 EVAL_MODES = ("generate", "loglik")
 PROTOCOLS = ("label", "text")
 DTYPES = ("auto", "float32", "bfloat16")
+# densemod's names (densemod.METHODS, densemod.VARIANTS, the keys of densemod.TARGET_SETS and of its target aliases),
+# copied because `import densemod` imports torch and PEFT, which --help must not wait for; tests/test_cli.py checks
+# that the copies equal the originals.
+METHODS = ("denselora", "lora", "dora", "vera", "lokr", "adalora")
+VARIANTS = ("denselora", "freeze", "only_matrix")
+TARGET_SET_NAMES = ("qkv", "ud", "qkvud", "qkvo", "qkvoud", "all-linear")
+TARGET_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 SEARCHABLE = ("rank", "targets", "data_fraction", "method", "variant", "protocol", "lr", "alpha", "dropout", "seed")
 SEARCHES = ("grid", "random", "optuna")
 SCHEDULERS = ("fifo", "asha")
@@ -24,67 +33,106 @@ SCHEDULERS = ("fifo", "asha")
 DIVERGED = "diverged_at_step"
 
 
+def setting(default: Any, text: str, choices: tuple[str, ...] = (), unset: Optional[str] = None) -> Any:
+    """A TrialConfig field with its one-line help, kept here once for both command lines: what it sets, its allowed
+    values where they are a fixed set, and what None means where it may be None."""
+    metadata = {"help": text, "choices": choices, "unset": unset}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class TrialConfig:
     # what to adapt, and how (densemod.build_peft_config's arguments)
-    model: str = "smollm2-135m"
-    method: str = "denselora"
-    variant: str = "denselora"
-    rank: int = 32
-    alpha: Optional[float] = None  # None: 2 * rank
-    dropout: float = 0.05
-    targets: str = "q,k,v,up,down"
-    # data: LLM-Adapters files or folders, folder names in the data folders (ARC-Easy: data.data_dirs), Hub ids, or
-    # "synthetic" (the built-in task)
-    datasets: list[str] = field(default_factory=lambda: ["synthetic"])
-    # label: the paper's response "the correct answer is answer2"; text: the right option's text, each option's text
-    # scored by log-likelihood (densetune.protocols)
-    protocol: str = "label"
-    eval_datasets: Optional[list[str]] = None  # None: the test split of each training set
-    data_fraction: float = 1.0
-    cutoff_len: int = 256
-    train_on_inputs: bool = True
-    group_by_length: bool = True  # batches of examples of similar length: little compute spent on padding
+    model: str = setting(
+        "smollm2-135m", "the base model: smollm2-135m (the pretrained SmolLM2-135M-Instruct), tiny-llama (random, for "
+        "tests), a Hugging Face id or a local folder",
+    )
+    method: str = setting("denselora", "the adapter: DenseLoRA or a PEFT baseline", METHODS)
+    variant: str = setting(
+        "denselora", "DenseLoRA's variant (method denselora only): freeze trains M alone; only_matrix has no "
+        "activations, so it merges", VARIANTS,
+    )
+    rank: int = setting(32, "the adapter's rank r")
+    alpha: Optional[float] = setting(None, "the scaling numerator: the update is scaled by alpha / r", unset="2 x rank")
+    dropout: float = setting(0.05, "the adapter's dropout probability, in [0, 1); LoKr's rank dropout")
+    targets: str = setting(
+        "q,k,v,up,down", f"the projections to adapt: a named set ({', '.join(TARGET_SET_NAMES)}) or kinds joined by "
+        f"commas ({', '.join(TARGET_KINDS)}, or module names)",
+    )
+    datasets: list[str] = setting(
+        ["synthetic"], "the training data, comma-separated: LLM-Adapters files or folders, folder names in the data "
+        "folders (ARC-Easy, boolq: densetune.data.data_dirs), Hub ids, or synthetic, the built-in task",
+    )
+    protocol: str = setting(
+        "label", "label: the paper's response 'the correct answer is answer2'; text: the right option's text, each "
+        "option's text scored by log-likelihood", PROTOCOLS,
+    )
+    eval_datasets: Optional[list[str]] = setting(
+        None, "the evaluation data, comma-separated, named as the training data is",
+        unset="the test split of each training set",
+    )
+    data_fraction: float = setting(1.0, "the share of the training rows kept, in (0, 1]: a subset drawn with the seed")
+    cutoff_len: int = setting(256, "the most tokens of an example; longer ones are cut")
+    train_on_inputs: bool = setting(True, "the loss on the prompt too, not on the response alone")
+    group_by_length: bool = setting(True, "batches of examples of similar length: little compute spent on padding")
     # the paper's recipe: AdamW, lr 3e-4, linear schedule with 100 warm-up steps, batch 16 of micro-batches of 4
-    lr: float = 3e-4
-    warmup_steps: int = 100
-    batch_size: int = 16  # global, across workers and accumulation steps
-    micro_batch_size: int = 4
-    epochs: int = 2
-    max_steps: Optional[int] = None  # None: epochs over the data
-    stop_after_step: Optional[int] = None  # end the run early, keeping the schedule of the full run (resumable)
-    max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = False
-    seed: int = 42
-    # auto: bfloat16 autocast where the hardware computes bf16 natively (GPU; CPU with AMX or AVX-512 BF16), else
-    # float32; bfloat16: base weights in bf16 and bf16 autocast, adapter weights and optimizer state in float32
-    dtype: str = "auto"
+    lr: float = setting(3e-4, "AdamW's learning rate, after the warm-up (linear schedule)")
+    warmup_steps: int = setting(100, "optimizer steps of linear warm-up")
+    batch_size: int = setting(16, "examples per optimizer step: global, across workers and accumulation steps")
+    micro_batch_size: int = setting(4, "examples per forward pass of one worker")
+    epochs: int = setting(2, "passes over the training rows, when max_steps is unset")
+    max_steps: Optional[int] = setting(None, "optimizer steps in all", unset="epochs over the data")
+    stop_after_step: Optional[int] = setting(
+        None, "end the run early, keeping the schedule of the full run (resumable)", unset="run to the end"
+    )
+    max_grad_norm: float = setting(1.0, "gradients are clipped to this global norm")
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, more time")
+    seed: int = setting(42, "picks the training rows' order and subset and the adapter's initialisation")
+    dtype: str = setting(
+        "auto", "auto: bfloat16 autocast where the hardware computes bf16 natively (GPU; CPU with AMX or AVX-512 "
+        "BF16), else float32; bfloat16: base weights in bf16 and bf16 autocast, adapter weights and optimizer state "
+        "in float32", DTYPES,
+    )
     # Ray Train worker group
-    # 0: Ray Train's local mode, the loop runs in this process (for debuggers and profilers; no checkpoints, no sweeps)
-    num_workers: int = 1
-    use_gpu: Optional[bool] = None  # None: when the cluster has GPUs
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0
-    # restarts of the worker group after a lost worker or node, each from the last checkpoint (or the start; Ray
-    # Train's FailureConfig); a trial fails after one more
-    max_failures: int = 2
+    num_workers: int = setting(
+        1, "Ray Train workers, data-parallel; 0: the loop runs in this process, Ray Train's local mode, for debuggers "
+        "and profilers: no checkpoints, no sweeps",
+    )
+    use_gpu: Optional[bool] = setting(None, "train on GPUs", unset="when the cluster has GPUs")
+    cpus_per_worker: float = setting(1.0, "CPUs each worker reserves")
+    gpus_per_worker: float = setting(
+        1.0, "GPUs each worker reserves when it uses GPUs; a fraction shares one, e.g. 0.25"
+    )
+    max_failures: int = setting(
+        2, "restarts of the worker group after a lost worker or node, each from the last checkpoint (or the start; Ray "
+        "Train's FailureConfig); a trial fails after one more",
+    )
     # reporting, checkpoints, evaluation
-    report_every: int = 10
-    checkpoint_every: Optional[int] = None  # None: only at the end
-    # label protocol: greedy generation and answer extraction (LLM-Adapters), or "loglik", faster; the text protocol
-    # always scores the options' texts
-    eval_mode: str = "generate"
-    eval_every: Optional[int] = None  # None: only at the end
-    eval_at_start: bool = False  # also evaluate before the first step: the base model, for DenseLoRA and LoRA
-    eval_limit: Optional[int] = None  # a fixed subset of this many questions per benchmark, the same for every seed
-    eval_batch_size: int = 8
-    eval_sharded: bool = False  # evaluate on every worker's share instead of on rank 0 alone
-    max_new_tokens: int = 32
-    # record each adapted layer's r x r matrices (DenseLoRA's M, slices of LoRA's A and B) at step 0 and every this many
-    # steps, for the report's increment heat maps (densetune.increments); None: never
-    snapshot_every: Optional[int] = None
-    name: Optional[str] = None  # the run's folder under storage_path; an existing one is resumed
-    storage_path: str = "runs"
+    report_every: int = setting(10, "optimizer steps between reports of the loss and the throughput")
+    checkpoint_every: Optional[int] = setting(None, "optimizer steps between checkpoints", unset="only at the end")
+    eval_mode: str = setting(
+        "generate", "under the label protocol, generate: greedy generation and answer extraction (LLM-Adapters); "
+        "loglik: faster; the text protocol always scores the options' texts", EVAL_MODES,
+    )
+    eval_every: Optional[int] = setting(None, "optimizer steps between evaluations", unset="only at the end")
+    eval_at_start: bool = setting(False, "also evaluate before the first step: the base model, for DenseLoRA and LoRA")
+    eval_limit: Optional[int] = setting(
+        None, "a fixed subset of this many questions per benchmark, the same for every seed", unset="every question"
+    )
+    eval_batch_size: int = setting(8, "questions per evaluation batch")
+    eval_sharded: bool = setting(False, "evaluate on every worker's share instead of on rank 0 alone")
+    max_new_tokens: int = setting(32, "the most tokens generated per answer, under eval_mode generate")
+    snapshot_every: Optional[int] = setting(
+        None, "record each adapted layer's r x r matrices (DenseLoRA's M, slices of LoRA's A and B) at step 0 and "
+        "every this many steps, for the report's increment heat maps", unset="never",
+    )
+    name: Optional[str] = setting(
+        None, "the run's folder under storage_path; an existing one is resumed",
+        unset="<model>-<method>-<variant>-r<rank>-<time>",
+    )
+    storage_path: str = setting("runs", "the folder or URI (s3://, gs://) of the runs, shared by all nodes")
 
     def peft_config(self, total_steps: int) -> PeftConfig:
         """The adapter this trial trains (total_steps matters to AdaLoRA's schedule only)."""
@@ -124,6 +172,11 @@ class SweepConfig:
     name: Optional[str] = None  # the sweep's folder and MLflow name; None: <study>-<time>
     tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite in the storage path
     resume: bool = False  # continue the sweep called `name`: unfinished trials resume, finished ones are kept
+    # besides the searched settings, accuracies, cost and status: what the summary table shows of each trial
+    columns: tuple[str, ...] = ("trainable_params", "trainable_pct")
+    # Ray's and Tune's output on the console too; by default it goes to sweep.log in the sweep's folder, and the console
+    # shows the sweep's own lines and a progress line
+    verbose: bool = False
 
 
 @functools.cache
@@ -145,3 +198,39 @@ def field_type(name: str) -> Optional[tuple[Any, bool]]:
 def comma_list(text: str) -> list[str]:
     """'a, b,,c' -> ['a', 'b', 'c']: how lists are written on command lines."""
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+@functools.cache
+def _fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(TrialConfig)}
+
+
+def flag(name: str) -> str:
+    """The flag that sets the TrialConfig field `name` in every command line: --max-steps for max_steps."""
+    return "--" + name.replace("_", "-")
+
+
+def shown(name: str, value: Any) -> str:
+    """A value of the TrialConfig field `name` as a command line writes it (lists comma-separated, true or false),
+    None as what it means there."""
+    if value is None:
+        return _fields()[name].metadata["unset"]
+    if isinstance(value, bool):
+        return str(value).lower()
+    return ",".join(value) if isinstance(value, list) else str(value)
+
+
+def add_setting(parser: argparse.ArgumentParser, name: str, unflagged: str, *aliases: str, **kwargs: Any) -> None:
+    """Add the flag that sets the TrialConfig field `name`, typed as the field (lists comma-separated, bools
+    --x/--no-x), with the field's help line, its allowed values and, as its default, `unflagged`: what the command
+    does without the flag. kwargs go to add_argument (its default, choices)."""
+    kind, _ = field_type(name)
+    if kind is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+        kwargs["type"] = comma_list if typing.get_origin(kind) is list else kind
+    metadata = _fields()[name].metadata
+    allowed = f"one of: {', '.join(metadata['choices'])}; " if metadata["choices"] else ""
+    # argparse formats help with %: a literal one is written %%
+    text = f"{metadata['help']} ({allowed}default: {unflagged})".replace("%", "%%")
+    parser.add_argument(flag(name), *aliases, help=text, **kwargs)

@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import tempfile
 import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import Any, Optional
 
-from .config import PROTOCOLS, SCHEDULERS, SEARCHABLE, SEARCHES, SweepConfig, TrialConfig, comma_list, field_type
+from .config import (
+    PROTOCOLS, SCHEDULERS, SEARCHABLE, SEARCHES, SweepConfig, TrialConfig, add_setting, comma_list, field_type, shown,
+)
 
-if TYPE_CHECKING:
-    from .sweep import SweepResult
 
 # One trial on 2 CPU cores in about three minutes that shows learning (docs/RESULTS.md says why these): SmolLM2-135M
 # on ARC-Easy's questions, the text protocol (the model answers with the option's text, which it already partly knows),
@@ -51,47 +52,72 @@ class Study:
 
 
 def parser(study: Study, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--model", help="tiny-llama, smollm2-135m, a Hugging Face id or a folder (default: smollm2-135m)")
-    p.add_argument("--dataset", type=comma_list, help="comma-separated: synthetic, LLM-Adapters files or folders, Hub ids")
-    p.add_argument("--eval-datasets", type=comma_list, help="comma-separated (default: the test split of each dataset)")
-    p.add_argument("--protocol", choices=PROTOCOLS,
-                   help="label: the paper's 'the correct answer is answer2'; text: the option's text, scored by "
-                        "log-likelihood (default: text; search both with --space protocol=label,text)")
-    p.add_argument("--seeds", type=int, default=1, help="repeat every configuration with this many seeds (default 1)")
+    """The study's flags, each with its help, its allowed values and its default in this study; the flags that set a
+    trial setting are spelt as in `python -m densetune.trial` (older spellings still accepted). `description`, the
+    study's docstring, is shown as written, so that its example command lines keep their lines."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_setting(p, "model", study_default(study, "model"))
+    add_setting(p, "datasets", study_default(study, "datasets"), "--dataset")
+    add_setting(p, "eval_datasets", study_default(study, "eval_datasets"))
+    add_setting(p, "protocol", study_default(study, "protocol"), choices=PROTOCOLS)
+    p.add_argument("--seeds", type=int, default=1,
+                   help="repeat every configuration with this many seeds, the seed setting's and the next ones "
+                        "(default: %(default)s)")
     p.add_argument("--space", action="append", default=[], metavar="SETTING=V1,V2",
-                   help=f"replace or add a searched setting, one of {', '.join(SEARCHABLE)} (repeatable); "
-                        f"this study searches {format_space(study.space)}")
+                   help=f"replace or add a searched setting, one of {', '.join(SEARCHABLE)}; a target list joins its "
+                        f"kinds with + (q+v); repeatable (default: {format_space(study.space)})")
     p.add_argument("--set", action="append", default=[], metavar="SETTING=VALUE",
-                   help="any other trial setting, e.g. --set lr=1e-3 --set eval_limit=100 (repeatable)")
-    p.add_argument("--search", choices=SEARCHES, default="grid", help="(default: %(default)s)")
+                   help="any other trial setting (python -m densetune.trial --help lists them), e.g. --set lr=1e-3 "
+                        "--set eval_limit=none; repeatable (default: the study's own settings over "
+                        "densetune.experiment.LOCAL)")
+    p.add_argument("--search", choices=SEARCHES, default="grid",
+                   help="grid: every combination; random: --num-samples draws; optuna: Bayesian, --num-samples trials "
+                        "(default: %(default)s)")
     p.add_argument("--scheduler", choices=SCHEDULERS, default="fifo",
-                   help="asha: stop the worse trials early (default: %(default)s)")
+                   help="fifo: every trial runs to its end; asha: stop the worse trials early (default: %(default)s)")
     p.add_argument("--metric", type=comma_list, default="accuracy/average",
                    help="what optuna and asha compare; several, comma-separated, for a multi-objective optuna search, "
-                        "e.g. accuracy/average,trainable_params (default: accuracy/average)")
-    p.add_argument("--mode", type=comma_list, default="max", help="max or min, one per metric (default: max)")
+                        "e.g. accuracy/average,trainable_params (default: %(default)s)")
+    p.add_argument("--mode", type=comma_list, default="max",
+                   help="max or min, one per metric (default: %(default)s)")
     p.add_argument("--num-samples", type=int, default=1,
                    help="grid: passes over the grid; random, optuna: trials (default: %(default)s)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps per trial")
-    p.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial (default 1)")
-    p.add_argument("--cpus-per-worker", type=float)
-    p.add_argument("--gpus-per-worker", type=float,
-                   help="train on GPUs, this many per worker; fractions share a GPU between trials, e.g. 0.25 "
-                        "(default: 1 when the cluster has GPUs, else CPUs only)")
-    p.add_argument("--max-concurrent", type=int, default=0, help="trials at once (default: as many as fit)")
+    add_setting(p, "max_steps", study_default(study, "max_steps"))
+    add_setting(p, "num_workers", study_default(study, "num_workers"), "--workers-per-trial")
+    add_setting(p, "cpus_per_worker", study_default(study, "cpus_per_worker"))
+    add_setting(p, "gpus_per_worker", "1 when the cluster has GPUs, else CPUs only; given, the trials train on GPUs")
+    p.add_argument("--max-concurrent", type=int, default=0,
+                   help="trials at once; 0: as many as the cluster's nodes fit (default: %(default)s)")
     p.add_argument("--tracking-uri", help="an MLflow server or database (default: $MLFLOW_TRACKING_URI, else sqlite "
                                           "in the storage path)")
-    p.add_argument("--storage-path", default="runs", help="a folder or URI (s3://, gs://) shared by all nodes")
-    p.add_argument("--name", help="the sweep's name (default: <study>-<time>); with --resume, the sweep to continue")
-    p.add_argument("--resume", action="store_true", help="continue the sweep --name after its driver stopped")
-    p.add_argument("--smoke", action="store_true", help="the same study in minutes: tiny random model, a few steps")
+    add_setting(p, "storage_path", study_default(study, "storage_path"))
+    p.add_argument("--name", help="the sweep's name, its folder in the storage path; with --resume, the sweep to "
+                                  "continue (default: <study>-<time>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the sweep --name after its driver stopped (default: off, a new sweep)")
+    p.add_argument("--smoke", action="store_true",
+                   help="the same study in minutes: tiny random model, built-in task, a few steps (default: off)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything, print the trials it would start, what each reserves and an estimate of "
+                        "the time from one step of the model timed here; start nothing (default: off)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="Ray's and Tune's own output on the console too (default: off: in sweep.log in the sweep's "
+                        "folder)")
     p.set_defaults(**study.sweep)
     return p
 
 
+def study_default(study: Study, name: str) -> str:
+    """The trial setting `name` in this study when no flag sets it, as --help shows it, with --smoke's where it
+    differs."""
+    value = {**LOCAL, **study.trial}.get(name, getattr(TrialConfig(), name))
+    smoke = SMOKE.get(name, value)
+    return shown(name, value) + ("" if smoke == value else f"; --smoke: {shown(name, smoke)}")
+
+
 def format_space(space: dict[str, list]) -> str:
-    return " ".join(f"{k}={','.join(map(str, v))}" for k, v in space.items())
+    """The space as --space writes it: a target list's kinds joined by +."""
+    return " ".join(f"{k}={','.join(str(v).replace(',', '+') for v in values)}" for k, values in space.items())
 
 
 def parse_setting(text: str, flag: str) -> tuple[str, str]:
@@ -131,9 +157,9 @@ def sweep_config(study: Study, args: argparse.Namespace) -> SweepConfig:
     """The flags over the study over the local (or smoke) defaults."""
     settings = {**LOCAL, **study.trial, **(SMOKE if args.smoke else {})}
     flags = {
-        "model": args.model, "datasets": args.dataset, "eval_datasets": args.eval_datasets, "protocol": args.protocol,
+        "model": args.model, "datasets": args.datasets, "eval_datasets": args.eval_datasets, "protocol": args.protocol,
         "max_steps": args.max_steps,
-        "num_workers": args.workers_per_trial, "cpus_per_worker": args.cpus_per_worker,
+        "num_workers": args.num_workers, "cpus_per_worker": args.cpus_per_worker,
         "gpus_per_worker": args.gpus_per_worker, "storage_path": args.storage_path,
     }
     settings.update({k: v for k, v in flags.items() if v is not None})
@@ -154,6 +180,7 @@ def sweep_config(study: Study, args: argparse.Namespace) -> SweepConfig:
         num_samples=args.num_samples, scheduler=args.scheduler, metric=one_or_list(args.metric),
         mode=one_or_list(args.mode),
         max_concurrent=args.max_concurrent, name=args.name, tracking_uri=args.tracking_uri, resume=args.resume,
+        columns=study.columns, verbose=args.verbose,
     )
 
 
@@ -172,69 +199,29 @@ def seeds(args: argparse.Namespace, space: dict[str, Any], first: int) -> list[i
     return list(range(first, first + args.seeds))
 
 
-def summary_table(result: SweepResult, study: Study, space: dict[str, Any]) -> str:
-    """Each trial's searched settings, study columns, final accuracies and status; with several seeds, each
-    configuration's mean ± 95 % interval over its finished seeds instead."""
-    import pandas as pd
-
-    from .tracking import ACCURACY_PREFIXES
-
-    trials = result.trials
-    if trials.empty:
-        return "no trials were recorded"
-    accuracies = sorted(c for c in trials.columns if c.startswith(ACCURACY_PREFIXES))
-    if "seed" in space and len(space["seed"]) > 1:
-        trials = over_seeds(trials, [k for k in space if k != "seed" and k in trials.columns], study.columns, accuracies)
-        wanted = list(trials.columns)
-    else:
-        # a method searched may name a DenseLoRA variant (freeze), which runs as method denselora with that variant
-        variant = ["variant"] if "method" in space else []
-        wanted = [*space, *variant, *study.columns, *accuracies, "status"]
-    columns = list(dict.fromkeys(c for c in wanted if c in trials.columns))
-    table = trials[columns].sort_values(list(c for c in space if c in trials.columns), ignore_index=True)
-    with pd.option_context("display.width", 200, "display.max_columns", 50, "display.float_format", "{:.4f}".format):
-        return table.to_string(index=False)
-
-
-def over_seeds(trials: Any, keys: list[str], columns: Sequence[str], accuracies: list[str]) -> Any:
-    """One row per configuration of the finished trials: its seeds, the study's columns, and each accuracy as
-    'mean ± half-width' in percent (Student t, 95 %)."""
-    import pandas as pd
-
-    from .report import interval, percent_interval
-
-    finished = trials[trials["status"] == "FINISHED"]
-    rows = []
-    for values, group in finished.groupby(keys, sort=True) if keys else [((), finished)]:
-        row = dict(zip(keys, values if isinstance(values, tuple) else (values,)))
-        row["seeds"] = len(group)
-        row.update({c: group[c].iloc[0] for c in columns if c in group})
-        for name in accuracies:
-            row[name] = percent_interval(*interval(group[name]))
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
 def main(study: Study, description: str, argv: Optional[list[str]] = None) -> int:
     args = parser(study, description).parse_args(argv)
+    # MLflow draws a progress bar for every artifact the report downloads
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from .report import write_report
-    from .sweep import run_sweep
+    from .summary import to_text
+    from .sweep import dry_run, run_sweep
     from .tracking import ui_command
     from .trial import stop_on_sigterm
 
     stop_on_sigterm()
     try:
         sweep = sweep_config(study, args)
+        if args.dry_run:
+            print("\n".join(dry_run(sweep)))
+            return 0
         result = run_sweep(sweep)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"\nsweep {result.name} ({len(result.trials)} trials), folder {result.path}\n")
-    print(summary_table(result, study, sweep.space))
     # A sweep on a remote storage path keeps its report in MLflow only.
     out = None if "://" not in result.path else tempfile.mkdtemp()
-    print(f"\nreport (tables, paired tests, figures): {write_report(result.name, result.tracking_uri, study.name, out)}")
-    print(f"\nMLflow experiment {study.name!r}, sweep tag {result.name!r}. To browse it:\n  {ui_command(result.tracking_uri)}")
+    report = write_report(result.name, result.tracking_uri, study.name, out)
     unsuccessful = [
         (result.diverged, "diverged (their loss was not finite; MLflow tag 'diverged' holds the step)"),
         (result.failed, "failed; their errors"),
@@ -242,4 +229,10 @@ def main(study: Study, description: str, argv: Optional[list[str]] = None) -> in
     for paths, what in unsuccessful:
         if paths:
             print(f"\nerror: {len(paths)} of {len(result.trials)} trials {what}:\n  " + "\n  ".join(paths), file=sys.stderr)
+    sys.stderr.flush()
+    # the table and the way to the store last, where the eye lands when the study ends
+    print(f"\nsweep {result.name} ({len(result.trials)} trials), folder {result.path}\n")
+    print(to_text(result.table))
+    print(f"\nreport (tables, paired tests, figures): {report}")
+    print(f"\nMLflow experiment {study.name!r}, sweep tag {result.name!r}. To browse it:\n  {ui_command(result.tracking_uri)}")
     return 1 if result.failed or result.diverged else 0

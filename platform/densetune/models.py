@@ -11,12 +11,18 @@ import importlib.metadata
 import os
 import socket
 import urllib.parse
+import warnings
 from pathlib import Path
+
 import torch
 from transformers import (
     AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel,
     PreTrainedTokenizerBase, PreTrainedTokenizerFast,
 )
+
+# PEFT 0.21 reads an attribute that transformers 5 deprecates, wherever an adapter is applied (the driver's checks, the
+# workers' training); the warning says nothing about the run.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
 
 BUILTIN_MODELS = ("tiny-llama", "smollm2-135m")
 TINY_LLAMA = dict(

@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Run
 
 from .stats import McNemar, holm, majority_baseline, mcnemar, mean_interval
-from .tracking import PREDICTIONS, ROLE, SNAPSHOTS, SWEEP, default_tracking_uri, experiment_ids, sweep_runs
+from .tracking import PREDICTIONS, ROLE, SNAPSHOTS, SWEEP, experiment_ids, store_uri, sweep_runs
 
 FINISHED = "FINISHED"
 AVERAGE = "average"
@@ -752,7 +752,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--study", help="the MLflow experiment to look in (default: all)")
     p.add_argument("--out", help="the folder to write into (default: the sweep's folder)")
     args = p.parse_args(argv)
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri("runs")
+    uri = store_uri(args.tracking_uri)
     try:
         path = write_report(args.sweep, uri, args.study, args.out)
     except ValueError as error:

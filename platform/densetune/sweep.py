@@ -18,11 +18,14 @@ import argparse
 import dataclasses
 import itertools
 import json
+import math
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import pandas as pd
@@ -37,10 +40,11 @@ import densemod
 from densemod.denselora.config import check_choice
 
 from .config import DIVERGED, SCHEDULERS, SEARCHABLE, SEARCHES, SweepConfig, TrialConfig
+from .console import SweepProgress, clock, console, output_to
 from .inputs import TrialData, data_source, load_data, training_rows
 from .trial import (
     check_adapter_fits, check_config, check_non_negative, check_placeable, check_positive, own_ray, run_trial,
-    uses_gpu, workers_that_fit,
+    uses_gpu, worker_resources, workers_that_fit,
 )
 from .storage import check_storage, read_text, storage_root, write_text
 
@@ -63,6 +67,7 @@ class SweepResult:
     tracking_uri: str
     run_id: str  # the sweep's parent run
     trials: pd.DataFrame  # sweep_runs(): one row per trial, params, last metrics, status
+    table: pd.DataFrame = dataclasses.field(default_factory=pd.DataFrame)  # summary.summary_frame of the trials
     failed: list[str] = dataclasses.field(default_factory=list)  # the error file of each trial that failed
     diverged: list[str] = dataclasses.field(default_factory=list)  # the folder of each trial whose loss was not finite
 
@@ -257,15 +262,20 @@ def tune_config(sweep: SweepConfig, concurrent: Optional[int]) -> tune.TuneConfi
 
 
 def run_sweep(sweep: SweepConfig) -> SweepResult:
-    """Check everything, run the sweep's trials on Ray Tune, and return the sweep's trials from the tracking store."""
+    """Check everything, run the sweep's trials on Ray Tune, and return the sweep's trials from the tracking store.
+
+    The console shows what runs and how far it got; Ray's own output goes to sweep.log in the sweep's folder
+    (sweep.verbose: to the console too).
+    """
     # Only the sweep's driver tracks; its trials, which import this module too, need not load MLflow.
-    from .tracking import SweepTracker, artifact_root, check_tracking_uri, default_tracking_uri, sweep_runs
+    from .summary import summary_frame, write_files
+    from .tracking import SweepTracker, artifact_root, check_tracking_uri, store_uri, sweep_runs
 
     check_sweep(sweep)
     name = sweep.name or f"{sweep.study}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     root = storage_root(sweep.trial.storage_path)
     folder = f"{root}/{name}"
-    uri = sweep.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(sweep.trial.storage_path)
+    uri = store_uri(sweep.tracking_uri, sweep.trial.storage_path)
     if sweep.resume:
         if not tune.Tuner.can_restore(folder):
             raise ValueError(f"there is no sweep to resume at {folder}: check --name and --storage-path")
@@ -280,9 +290,13 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
     data = sweep_data(sweep)
     check_storage(sweep.trial.storage_path)
     check_tracking_uri(uri)
-    with own_ray():
+    log = local_folder(folder, name) / "sweep.log"
+    with output_to(None if sweep.verbose else log), own_ray():
         gpu = uses_gpu(sweep.trial)
         check_placeable(sweep.trial, gpu)
+        concurrent = sweep.max_concurrent or trials_that_fit(sweep.trial, gpu)
+        for line in plan(sweep, name, folder, uri, concurrent, None if sweep.verbose else log):
+            console().say(line)
 
         # Trials report accuracy only when they evaluate; Tune would otherwise reject every report without it.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
@@ -292,29 +306,124 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
             tune.with_parameters(sweep_trial, data=shared, worst=worst_values(sweep)), DRIVER_RESOURCES
         )
         tracker = SweepTracker(
-            uri, sweep.study, name, trial_config, list(sweep.space), sweep_params(sweep, folder), artifact_root(uri)
+            uri, sweep.study, name, trial_config, list(sweep.space), sweep_params(sweep, folder), artifact_root(uri),
+            gpu=gpu, objective=objectives(sweep)[0],
         )
         if sweep.resume:
             tuner = tune.Tuner.restore(folder, trainable, resume_unfinished=True, resume_errored=True)
         else:
             record = {"study": sweep.study, "tracking_uri": uri, "trial": dataclasses.asdict(sweep.trial), **sweep_params(sweep, folder)}
             write_text(f"{folder}/{RECORD}", json.dumps(record))
+            progress = SweepProgress(planned_trials(sweep), list(sweep.space), objectives(sweep)[0][0])
             tuner = tune.Tuner(
-                trainable, param_space=param_space(sweep, folder),
-                tune_config=tune_config(sweep, trials_that_fit(sweep.trial, gpu)),
-                run_config=tune.RunConfig(name=name, storage_path=root, callbacks=[tracker]),
+                trainable, param_space=param_space(sweep, folder), tune_config=tune_config(sweep, concurrent),
+                run_config=tune.RunConfig(name=name, storage_path=root, callbacks=[tracker, progress]),
             )
         try:
             grid = tuner.fit()
         except BaseException:
             tracker.close("KILLED")  # interrupted: no run is left RUNNING
             raise
-        failed = [f"{result.path}/error.txt" for result in grid if result.error]
-        diverged = [result.path for result in grid if not result.error and DIVERGED in (result.metrics or {})]
-        unsuccessful = len(failed) + len(diverged)
-        tracker.close("FAILED" if unsuccessful and unsuccessful == len(grid) else "FINISHED", failed=len(failed), diverged=len(diverged))
-        trials = sweep_runs(name, uri, sweep.study)
-        return SweepResult(name, folder, uri, tracker.parent_run_id(), trials, failed, diverged)
+    failed = [f"{result.path}/error.txt" for result in grid if result.error]
+    diverged = [result.path for result in grid if not result.error and DIVERGED in (result.metrics or {})]
+    unsuccessful = len(failed) + len(diverged)
+    tracker.close("FAILED" if unsuccessful and unsuccessful == len(grid) else "FINISHED", failed=len(failed), diverged=len(diverged))
+    trials = sweep_runs(name, uri, sweep.study)
+    table = summary_frame(trials, sweep.space, sweep.columns)
+    if not table.empty:
+        tracker.log_sweep_files(write_files(table, local_folder(folder, name)))
+    return SweepResult(name, folder, uri, tracker.parent_run_id(), trials, table, failed, diverged)
+
+
+def dry_run(sweep: SweepConfig) -> list[str]:
+    """What run_sweep would start, checked as it would check it, with an estimate of its time from one trial's model
+    timed here (estimate.measure); nothing is started, written or tracked."""
+    from .estimate import measure, trial_seconds
+
+    check_sweep(sweep)
+    data = sweep_data(sweep)
+    base = dataclasses.asdict(sweep.trial)
+    if sweep.search == "grid":
+        points = [point for _ in range(sweep.num_samples) for point in grid_points(sweep.space)]
+        listed = [" ".join(f"{k}={v}" for k, v in point.items()) for point in points]
+    else:
+        points = [next(grid_points(sweep.space))]
+        listed = [f"{sweep.num_samples} trials drawn by {sweep.search} search from {format_search_space(sweep.space)}"]
+    first = trial_config({**base, **points[0]})
+    gpu = bool(first.use_gpu)
+    per_worker = ", ".join(f"{v:g} {k}" for k, v in worker_resources(first, gpu).items())
+    measured = measure(first, data[data_source(first)])
+    parts = trial_seconds(first, data[data_source(first)], measured)
+    one = sum(parts.values())
+    at_once = sweep.max_concurrent or local_concurrency(first, gpu)
+    planned = planned_trials(sweep)
+    lines = [
+        f"dry run of sweep {sweep.name or sweep.study}: {planned} trials, nothing started",
+        *(f"  trial {i}: {text}" for i, text in enumerate(listed, 1)),
+        f"each trial: {first.num_workers} worker(s) of {per_worker}" + (" (and GPUs if the cluster has them)" if first.use_gpu is None else ""),
+        f"measured here on {measured.device} in {measured.precision} ({' '.join(f'{k}={v}' for k, v in points[0].items())}): "
+        f"load {measured.load_s:.1f} s, {measured.step_s:.2f} s per step, {measured.question_s:.3f} s per question",
+        "estimate per trial: " + " + ".join(f"{k} {v:.0f} s" for k, v in parts.items()) + f" = {clock(one)} (m:ss)",
+    ]
+    if at_once:
+        rounds = math.ceil(planned / at_once)
+        lines.append(f"estimate of the sweep: {planned} trials, {at_once} at a time on this machine: {clock(rounds * one)}")
+    else:
+        lines.append(f"estimate of the sweep: {clock(planned * one)} one after the other; a cluster divides it by the trials it runs at once")
+    return lines
+
+
+def local_concurrency(config: TrialConfig, gpu: bool) -> Optional[int]:
+    """How many trials fit this machine at once (None when the sweep would join a cluster: RAY_ADDRESS)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return None
+    have = {"CPU": os.cpu_count() or 1, "GPU": torch_gpus() if gpu else 0}
+    need = {k: v * config.num_workers for k, v in worker_resources(config, gpu).items()}
+    return max(1, min(int(have[k] // v) for k, v in need.items()))
+
+
+def torch_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def format_search_space(space: dict[str, Any]) -> str:
+    return " ".join(
+        f"{k}={','.join(map(str, v))}" if isinstance(v, (list, tuple)) else f"{k}~{v}" for k, v in space.items()
+    )
+
+
+def local_folder(folder: str, name: str) -> Path:
+    """Where the driver writes the sweep's own files (its log, its summary): the sweep's folder, or for a sweep on a
+    remote storage path, a folder of the same name in this machine's temporary folder."""
+    return Path(folder) if "://" not in folder else Path(tempfile.gettempdir()) / "densetune" / name
+
+
+def planned_trials(sweep: SweepConfig) -> int:
+    """How many trials the sweep starts: every combination of the grid times num_samples, or num_samples draws."""
+    if sweep.search != "grid":
+        return sweep.num_samples
+    return math.prod(len(v) if isinstance(v, (list, tuple)) else 1 for v in sweep.space.values()) * sweep.num_samples
+
+
+def plan(
+    sweep: SweepConfig, name: str, folder: str, uri: str, concurrent: Optional[int], log: Optional[Path]
+) -> list[str]:
+    """What the sweep will run and where it keeps it: its first lines on the console."""
+    config = sweep.trial
+    space = format_search_space(sweep.space)
+    steps = f"{config.max_steps} steps" if config.max_steps else f"{config.epochs} epochs"
+    at_once = f"up to {concurrent} at once" if concurrent else "as many at once as the cluster grows to"
+    lines = [
+        f"sweep {name}: {planned_trials(sweep)} trials ({sweep.search} over {space}) of {config.model} on "
+        f"{','.join(config.datasets)}, {steps} each, {config.num_workers} worker(s) per trial, {at_once}",
+        f"  folder: {folder}",
+        f"  store:  {uri}",
+    ]
+    if log is not None:
+        lines.append(f"  Ray's output: {log} (-v shows it here)")
+    return lines
 
 
 def sweep_params(sweep: SweepConfig, folder: str) -> dict[str, str]:
@@ -333,7 +442,7 @@ def sweep_params(sweep: SweepConfig, folder: str) -> dict[str, str]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """python -m densetune.sweep list | close NAME"""
-    from .tracking import close_sweep, default_tracking_uri, sweeps
+    from .tracking import close_sweep, store_uri, sweeps
 
     parser = argparse.ArgumentParser(
         prog="python -m densetune.sweep", description="The sweeps in a tracking store, and closing one whose driver died.",
@@ -351,7 +460,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     close.add_argument("name")
     args = parser.parse_args(argv)
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(args.storage_path)
+    uri = store_uri(args.tracking_uri, args.storage_path)
     if args.command == "list":
         found = sweeps(uri)
         print(found.to_string(index=False) if not found.empty else f"no sweeps in {uri}")

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections import Counter
 import fcntl
 import functools
 import json
+import logging
 import os
 import subprocess
 import tempfile
@@ -30,11 +32,15 @@ from ray import tune
 
 from .config import DIVERGED, TrialConfig, field_type
 
-# Reported once per trial and constant: logged as params, not as metric series.
+# Reported once per trial and constant: logged as params, and the numbers among them also as metrics (at step 0), so
+# that the UI and search_runs sort and filter them as numbers.
 FACTS = {"trainable_params": int, "total_params": int, "trainable_pct": float, "total_steps": int, "precision": str}
 STEP_METRICS = (
-    "loss", "learning_rate", "tokens_per_s", "padding_fraction", "step_time_s", "peak_memory_mb", "epoch", "startup_s",
+    "loss", "aux_loss", "learning_rate", "tokens_per_s", "tokens_seen", "padding_fraction", "step_time_s",
+    "peak_memory_mb", "epoch", "startup_s",
 )
+# Logged when a trial ends: its wall time, and what it cost, the devices it reserved times that time.
+WALL_TIME, DEVICE_SECONDS = "wall_time_s", "device_seconds"
 ROLE, SWEEP, STUDY, TRIAL_ID, NODE_ID = "densetune.role", "sweep", "study", "ray.trial_id", "ray.node_id"
 FAILED_TRIALS, DIVERGED_TRIALS = "failed_trials", "diverged_trials"  # tags of the sweep's run
 DIVERGED_TAG = "diverged"  # a tag of a trial's run whose loss was not finite: the step
@@ -66,7 +72,8 @@ def check_tracking_uri(uri: str) -> None:
             # MLflow's own client retries for minutes; the server's health endpoint answers at once or not at all.
             urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).close()
         else:
-            with store_lock(uri):
+            # MLflow logs each step of a new store's schema migration at INFO: not news for the user
+            with store_lock(uri), logging_level(logging.WARNING, "mlflow.store.db.utils", "alembic"):
                 MlflowClient(uri).search_experiments(max_results=1)  # creates a new store's tables
     except Exception as error:  # noqa: BLE001 - any failure here means the same thing to the user
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -74,6 +81,20 @@ def check_tracking_uri(uri: str) -> None:
             f"tracking URI {uri!r} cannot be reached ({reason}): start the MLflow server, or pass another "
             "--tracking-uri (or none, for the embedded sqlite store)"
         ) from None
+
+
+@contextlib.contextmanager
+def logging_level(level: int, *names: str) -> Iterator[None]:
+    """The named loggers at `level` at least for the duration of the block."""
+    loggers = [logging.getLogger(name) for name in names]
+    before = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(level, logger.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        for logger, old in zip(loggers, before):
+            logger.setLevel(old)
 
 
 @contextlib.contextmanager
@@ -114,12 +135,16 @@ def git_commit() -> str:
         return "unknown"
 
 
-def config_params(config: TrialConfig) -> dict[str, str]:
-    """The trial's settings as MLflow params, with derived defaults spelt out (alpha = 2r, eval sets = train sets)."""
+def config_params(config: TrialConfig, gpu: bool) -> dict[str, str]:
+    """The trial's settings as MLflow params, with derived defaults spelt out (alpha = 2r, eval sets = train sets) and
+    resources as used (`gpu`: whether its workers train on GPUs; no GPU count on a CPU run)."""
     values = dataclasses.asdict(config)
     values["alpha"] = 2 * config.rank if config.alpha is None else config.alpha
     values["eval_datasets"] = config.eval_datasets or config.datasets
-    del values["name"]  # the Ray trial id, kept as a tag
+    values["use_gpu"] = gpu
+    if not gpu:
+        del values["gpus_per_worker"]
+    del values["name"], values["storage_path"]  # the Ray trial id, kept as a tag; the sweep's folder, on its run
     return {k: ",".join(map(str, v)) if isinstance(v, list) else str(v) for k, v in values.items() if v is not None}
 
 
@@ -132,10 +157,14 @@ class SweepTracker(tune.Callback):
 
     def __init__(
         self, uri: str, study: str, sweep: str, to_config: Callable[[dict], TrialConfig], searched: Sequence[str],
-        sweep_params: dict[str, str], artifact_root: Optional[str] = None,
+        sweep_params: dict[str, str], artifact_root: Optional[str] = None, gpu: bool = False,
+        objective: tuple[str, str] = ("accuracy/average", "max"),
     ):
+        """`searched`: the settings that name a trial's run; `gpu`: whether the trials train on GPUs; `objective`:
+        (metric, mode) by which the sweep's run names its best trial."""
         self.uri, self.study, self.sweep, self.to_config = uri, study, sweep, to_config
         self.searched, self.sweep_params, self.artifact_root = list(searched), sweep_params, artifact_root
+        self.gpu, self.objective = gpu, objective
         self._reset()
 
     def _reset(self) -> None:
@@ -208,16 +237,18 @@ class SweepTracker(tune.Callback):
             return
         self._last[trial.trial_id] = result
         stamp, step = now_ms(), int(result["step"])
-        names = [k for k in result if k in STEP_METRICS or k.startswith(ACCURACY_PREFIXES)]
+        facts = {k: cast(result[k]) for k, cast in FACTS.items() if k in result}
+        numbers = [k for k, v in facts.items() if not isinstance(v, str)]
+        steps = {k: step for k in result if k in STEP_METRICS or k.startswith(ACCURACY_PREFIXES)} | dict.fromkeys(numbers, 0)
         # A trial restarted from a checkpoint (a lost worker, a resumed sweep) reports again the steps after it: each
         # metric is logged once per step, so the run keeps one history.
-        logged = self._logged_steps(run_id, trial.trial_id, names)
+        logged = self._logged_steps(run_id, trial.trial_id, list(steps))
         metrics = [
-            Metric(k, float(result[k]), stamp, step) for k in names if result[k] is not None and step > logged.get(k, -1)
+            Metric(k, float(result[k]), stamp, at) for k, at in steps.items()
+            if result[k] is not None and at > logged.get(k, -1)
         ]
-        logged.update({m.key: step for m in metrics})
-        facts = {k: str(cast(result[k])) for k, cast in FACTS.items() if k in result}
-        self._log(run_id, params=facts, metrics=metrics)
+        logged.update({m.key: m.step for m in metrics})
+        self._log(run_id, params={k: str(v) for k, v in facts.items()}, metrics=metrics)
         if result.get("node_id") and self._nodes.get(trial.trial_id) != result["node_id"]:
             # a tag, not a param: a resumed trial may run on another node
             self.client.set_tag(run_id, NODE_ID, result["node_id"])
@@ -229,24 +260,25 @@ class SweepTracker(tune.Callback):
         config = self.to_config(trial.config)
         total = last.get("total_steps", 0)
         finished = bool(last) and last["step"] >= min(total, config.stop_after_step or total)
-        wall_time = (trial.last_result or {}).get("time_total_s")
-        if wall_time is not None:
-            self._log(run_id, metrics=[Metric("wall_time_s", float(wall_time), now_ms(), int(last.get("step", 0)))])
+        self._log_cost(run_id, trial, config)
         if trial.trial_id in self._diverged:
             self._log_artifacts(run_id, trial, config, adapter=False)  # no checkpoint after the divergence is logged
             self.client.set_terminated(run_id, "FAILED")
-            return
-        self._log_artifacts(run_id, trial, config)
-        if not finished:
-            self.client.set_tag(run_id, "stopped_early", "true")  # by the scheduler, before its last step
-        self.client.set_terminated(run_id, "FINISHED" if finished else "KILLED")
+        else:
+            self._log_artifacts(run_id, trial, config)
+            if not finished:
+                self.client.set_tag(run_id, "stopped_early", "true")  # by the scheduler, before its last step
+            self.client.set_terminated(run_id, "FINISHED" if finished else "KILLED")
+        self.update_sweep_run()
 
     def on_trial_error(self, iteration: int, trials: list, trial: tune.experiment.Trial, **info: Any) -> None:
         run_id = self._child(trial)
+        self._log_cost(run_id, trial, self.to_config(trial.config))
         error = getattr(trial, "error_file", None)
         if error and Path(error).exists():
             self.client.log_artifact(run_id, error)
         self.client.set_terminated(run_id, "FAILED")
+        self.update_sweep_run()
 
     def close(self, status: str = "FINISHED", failed: Optional[int] = None, diverged: Optional[int] = None) -> None:
         """End every trial run still open as KILLED (its trial was interrupted), then the sweep's run: KILLED too if
@@ -259,8 +291,36 @@ class SweepTracker(tune.Callback):
         dangling = self._search(f"tags.`{ROLE}` = 'trial' and {running}")
         for run in dangling:
             self.client.set_terminated(run.info.run_id, "KILLED")
+        self.update_sweep_run()
         for run in self._search(f"tags.`{ROLE}` = 'sweep' and {running}"):
             self.client.set_terminated(run.info.run_id, "KILLED" if dangling else status)
+
+    def update_sweep_run(self) -> None:
+        """Put the sweep's result so far on its run, where the UI shows it at a glance: how many trials ended how
+        (metrics trials_<status>, trials_diverged, at the step of the number of trials ended), and the best finished
+        trial by the objective: its objective and accuracies as metrics best/<name>, its run and searched settings as
+        tags (best_trial, best.<setting>)."""
+        trials = self._search(f"tags.`{ROLE}` = 'trial'")
+        statuses = Counter(r.info.status for r in trials)
+        ended = sum(n for status, n in statuses.items() if status != "RUNNING")
+        counts = {f"trials_{s.lower()}": statuses[s] for s in ("FINISHED", "FAILED", "KILLED", "RUNNING")}
+        counts["trials_diverged"] = sum(DIVERGED_TAG in r.data.tags for r in trials)
+        stamp = now_ms()
+        metrics = [Metric(k, float(v), stamp, ended) for k, v in counts.items()]
+        best = best_run(trials, *self.objective)
+        if best is not None:
+            shown = {k: v for k, v in best.data.metrics.items() if k == self.objective[0] or k.startswith(ACCURACY_PREFIXES)}
+            metrics += [Metric(f"best/{k}", v, stamp, ended) for k, v in shown.items()]
+            tags = {"best_trial": best.info.run_name, "best_run_id": best.info.run_id}
+            tags |= {f"best.{k}": best.data.params[k] for k in self.searched if k in best.data.params}
+            for key, value in tags.items():
+                self.client.set_tag(self.parent_run_id(), key, value)
+        self._log(self.parent_run_id(), metrics=metrics)
+
+    def log_sweep_files(self, paths: Sequence[Path], artifact_path: Optional[str] = None) -> None:
+        """Files that describe the whole sweep (its summary table), onto the sweep's run."""
+        for path in paths:
+            self.client.log_artifact(self.parent_run_id(), str(path), artifact_path)
 
     # helpers
 
@@ -273,7 +333,8 @@ class SweepTracker(tune.Callback):
             self._reopen(run_id)
         else:
             config = self.to_config(trial.config)
-            name = " ".join([trial.trial_id, *(f"{k}={trial.config[k]}" for k in self.searched)])
+            # named by what the sweep searched (rank=8 seed=43), as the UI's run column shows it; the trial id is a tag
+            name = " ".join(f"{k}={trial.config[k]}" for k in self.searched)
             run_id = self.client.create_run(
                 self.experiment_id, run_name=name,
                 tags={
@@ -281,7 +342,7 @@ class SweepTracker(tune.Callback):
                     MLFLOW_PARENT_RUN_ID: self.parent_run_id(), MLFLOW_GIT_COMMIT: git_commit(),
                 },
             ).info.run_id
-            self._log(run_id, params=config_params(config))
+            self._log(run_id, params=config_params(config, self.gpu))
         self._runs[trial.trial_id] = run_id
         return run_id
 
@@ -293,6 +354,16 @@ class SweepTracker(tune.Callback):
                 history = self.client.get_metric_history(run_id, name)
                 logged[name] = max((m.step for m in history), default=-1)
         return logged
+
+    def _log_cost(self, run_id: str, trial: tune.experiment.Trial, config: TrialConfig) -> None:
+        """The trial's wall time, and its cost: the CPUs (or GPUs) its workers reserved, times that time."""
+        wall_time = (trial.last_result or {}).get("time_total_s")
+        if wall_time is None:
+            return
+        devices = config.num_workers * (config.gpus_per_worker if self.gpu else config.cpus_per_worker)
+        step, stamp = int(self._last.get(trial.trial_id, {}).get("step", 0)), now_ms()
+        cost = {WALL_TIME: float(wall_time), DEVICE_SECONDS: float(wall_time) * devices}
+        self._log(run_id, metrics=[Metric(k, v, stamp, step) for k, v in cost.items()])
 
     def _reopen(self, run_id: str) -> None:
         if self.client.get_run(run_id).info.status != "RUNNING":
@@ -329,6 +400,15 @@ class SweepTracker(tune.Callback):
                     self.client.log_artifact(run_id, str(Path(folder) / name))
 
 
+def best_run(runs: Sequence[Any], metric: str, mode: str) -> Optional[Any]:
+    """The finished run with the highest (mode max) or lowest (min) last value of `metric`; None if none has it."""
+    scored = [r for r in runs if r.info.status == "FINISHED" and metric in r.data.metrics]
+    if not scored:
+        return None
+    pick = max if mode == "max" else min
+    return pick(scored, key=lambda r: r.data.metrics[metric])
+
+
 def checkpoint_at(path: str, storage_path: str) -> ray.train.Checkpoint:
     """A checkpoint reported by a trial, on the storage path's filesystem (local, S3, GCS, ...)."""
     if "://" in storage_path:
@@ -341,22 +421,47 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def sweep_runs(sweep: str, tracking_uri: str, study: Optional[str] = None) -> pd.DataFrame:
-    """One row per trial of `sweep`: run id, trial id, status, the params (typed), the last value of each metric.
+def sweep_runs(sweep: str, tracking_uri: Optional[str] = None, study: Optional[str] = None) -> pd.DataFrame:
+    """One row per trial of `sweep`: run id, trial id, status, the params (typed), the last value of each metric;
+    none while the sweep has no trial yet.
 
-    Params carry TrialConfig's types (rank is an int, lr a float), so the frame sorts and plots as expected.
+    Params carry TrialConfig's types (rank is an int, lr a float), so the frame sorts and plots as expected. The store
+    is by default the one a study writes to without flags (store_uri). Raises ValueError naming the known sweeps when
+    the store (or its `study`) has no sweep of that name.
     """
-    client = MlflowClient(tracking_uri)
-    ids = experiment_ids(client, study)
-    runs = client.search_runs(ids, f"tags.{SWEEP} = '{sweep}' and tags.`{ROLE}` = 'trial'", max_results=10_000) if ids else []
+    uri = store_uri(tracking_uri)
+    runs = [r for r in sweep_records(MlflowClient(uri), sweep, uri, study) if r.data.tags.get(ROLE) == "trial"]
     rows = [
         {
             "run_id": run.info.run_id, "trial_id": run.data.tags.get(TRIAL_ID), "status": run.info.status,
-            **{k: typed_param(k, v) for k, v in run.data.params.items()}, **run.data.metrics,
+            **{k: typed_param(k, v) for k, v in run.data.params.items()},
+            # the facts logged as metrics too keep their params' types (trainable_params an int)
+            **{k: FACTS[k](v) if k in FACTS else v for k, v in run.data.metrics.items()},
         }
         for run in runs
     ]
     return pd.DataFrame(rows).sort_values("trial_id", ignore_index=True) if rows else pd.DataFrame(rows)
+
+
+def store_uri(tracking_uri: Optional[str] = None, storage_path: str = "runs") -> str:
+    """The store a command uses: the one it names, else $MLFLOW_TRACKING_URI, else the embedded store of the storage
+    path (by default ./runs/mlflow.db, where a study writes without flags)."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(storage_path)
+
+
+def sweep_records(client: MlflowClient, sweep: str, tracking_uri: str, study: Optional[str] = None) -> list:
+    """Every run of `sweep`, its own and its trials'. Raises ValueError, one line naming the sweeps there, when the
+    store (or its `study`) has no sweep of that name."""
+    ids = experiment_ids(client, study)
+    runs = client.search_runs(ids, f"tags.{SWEEP} = '{sweep}'", max_results=10_000) if ids else []
+    if not any(r.data.tags.get(ROLE) == "sweep" for r in runs):
+        found = sweeps(tracking_uri)
+        if study is not None:
+            found = found[found["study"] == study]
+        known = ", ".join(sorted(found["sweep"])) or "none"
+        where = tracking_uri if study is None else f"study {study!r} of {tracking_uri}"
+        raise ValueError(f"no sweep named {sweep!r} in {where}; the sweeps there: {known}")
+    return runs
 
 
 def experiment_ids(client: MlflowClient, study: Optional[str] = None) -> list[str]:
@@ -388,12 +493,7 @@ def close_sweep(sweep: str, tracking_uri: str) -> list[str]:
     """End as KILLED every run of `sweep` still RUNNING: what a driver that died (kill -9, a lost head) leaves behind.
     Returns their names. Raises ValueError naming the known sweeps when the store has none of that name."""
     client = MlflowClient(tracking_uri)
-    ids = experiment_ids(client)
-    runs = client.search_runs(ids, f"tags.{SWEEP} = '{sweep}'", max_results=10_000) if ids else []
-    if not any(r.data.tags.get(ROLE) == "sweep" for r in runs):
-        known = ", ".join(sorted(sweeps(tracking_uri)["sweep"])) or "none"
-        raise ValueError(f"no sweep named {sweep!r} in {tracking_uri}; the sweeps there: {known}")
-    running = [r for r in runs if r.info.status == "RUNNING"]
+    running = [r for r in sweep_records(client, sweep, tracking_uri) if r.info.status == "RUNNING"]
     for run in running:
         client.set_terminated(run.info.run_id, "KILLED")
     return [run.info.run_name for run in running]

@@ -9,6 +9,7 @@ on, the evaluation sets, and when the trial started).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -17,9 +18,8 @@ import random
 import resource
 import tempfile
 import time
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 import ray
@@ -27,6 +27,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from peft import get_peft_model
 from transformers import get_linear_schedule_with_warmup
 
@@ -43,8 +44,6 @@ from .models import load_model, load_tokenizer
 
 logger = logging.getLogger(__name__)
 SNAPSHOTS = "snapshots.safetensors"
-# PEFT 0.21 reads an attribute that transformers 5 deprecates; the warning says nothing about this run.
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
 
 
 def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
@@ -104,7 +103,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     if snapshots is not None and not restored:
         snapshots.record(0, model)
     if cfg.eval_at_start and not restored:
-        metrics = {"step": 0, **run_evaluation(*evaluation, 0)}
+        metrics = {"step": 0, **run_evaluation(*evaluation, 0), **facts}
         log(rank, f"before training: {format_accuracies(metrics)}")
         ray.train.report(metrics)
     evaluated_at_end = False
@@ -115,28 +114,33 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         for micro_batches in batches[position.step_in_epoch:]:
             started = time.perf_counter()
             inputs = [collate(rows, examples[batch], tokenizer.pad_token_id) for batch in micro_batches]
-            loss, tokens, slots = train_step(
+            done = train_step(
                 ddp_model, inputs, token_counts(lengths, micro_batches), world, device, precision, cfg, optimizer
             )
-            if not math.isfinite(loss):
-                return diverged(summary, position.step + 1, loss, rank)
+            if not math.isfinite(done.loss):
+                return diverged(summary, position.step + 1, done.loss, rank)
             scheduler.step()
             after_step(position.step + 1)
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - started
             if "startup_s" not in summary:
                 summary["startup_s"] = startup["startup_s"] = time.time() - loop_config["started_at"]
-            position = ckpt.Position(position.step + 1, position.epoch, position.step_in_epoch + 1)
+            position = dataclasses.replace(
+                position, step=position.step + 1, step_in_epoch=position.step_in_epoch + 1,
+                tokens=position.tokens + done.tokens,
+            )
 
             step = position.step
             if snapshots is not None and (step % cfg.snapshot_every == 0 or step == total_steps):
                 snapshots.record(step, model)
             metrics = {
-                "step": step, "epoch": step / steps_per_epoch, "loss": loss,
-                "learning_rate": scheduler.get_last_lr()[0], "tokens_per_s": tokens / elapsed,
-                "padding_fraction": 1 - tokens / slots, "step_time_s": elapsed, "peak_memory_mb": peak_memory_mb(on_gpu),
-                **facts, **startup,
+                "step": step, "epoch": step / steps_per_epoch, "loss": done.task_loss,
+                "learning_rate": scheduler.get_last_lr()[0], "tokens_per_s": done.tokens / elapsed,
+                "tokens_seen": position.tokens, "padding_fraction": 1 - done.tokens / done.slots, "step_time_s": elapsed,
+                "peak_memory_mb": peak_memory_mb(on_gpu), **facts, **startup,
             }
+            if done.aux_loss is not None:
+                metrics["aux_loss"] = done.aux_loss
             finished = evaluated_at_end = step == total_steps
             evaluating = finished or bool(cfg.eval_every and step % cfg.eval_every == 0)
             if evaluating:
@@ -153,7 +157,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             if step == stop:
                 break
         else:
-            position = ckpt.Position(position.step, position.epoch + 1, 0)
+            position = dataclasses.replace(position, epoch=position.epoch + 1, step_in_epoch=0)
     if position.step == total_steps and not evaluated_at_end:  # resumed a run that had already finished
         metrics = {"step": position.step, **run_evaluation(*evaluation, position.step)}
         report_to_ray(metrics, model, optimizer, scheduler, position, rank, True, summary, snapshots)
@@ -185,36 +189,61 @@ def build_model(
     return model, optimizer, get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
 
 
+class Step(NamedTuple):
+    loss: float  # the global batch's mean token loss, as the model computed it: what was minimised
+    tokens: int  # real tokens in the global batch
+    slots: int  # token slots, padding included
+    aux_loss: Optional[float] = None  # a method's own regulariser within `loss` (AdaLoRA); None: there is none
+
+    @property
+    def task_loss(self) -> float:
+        """The language-modelling loss alone: what every method's `loss` metric means."""
+        return self.loss - (self.aux_loss or 0.0)
+
+
 def train_step(
     model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], counts: tuple[int, int], world: int,
     device: torch.device, precision: str, cfg: TrialConfig, optimizer: torch.optim.Optimizer,
-) -> tuple[float, int, int]:
+) -> Step:
     """One optimizer step over this worker's micro-batches, whose (real tokens, token slots) are `counts`.
 
-    Returns the global batch's mean token loss, real tokens and token slots (padding included); the optimizer does not
-    step when that loss is not finite. The loss is summed
-    over the global batch's target tokens and divided by their count, so it does not depend on how the batch is
-    split between workers and accumulation steps.
+    The loss is summed over the global batch's target tokens and divided by their count, so it does not depend on how
+    the batch is split between workers and accumulation steps. The optimizer does not step when that loss is not
+    finite. For a method that adds a regulariser to the model's loss (AdaLoRA), the task's own loss is computed from
+    the logits as well, so that the two can be logged apart.
     """
     model.train()
     targets, tokens, slots = all_reduce_sum(  # the global batch's counts, in one collective
         device, sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches), *counts
     )
-    loss_sum = 0.0
+    auxiliary = cfg.method in densemod.AUXILIARY_LOSS_METHODS
+    loss_sum = task_sum = 0.0
     for i, batch in enumerate(batches):
         # Gradients are all-reduced on the last micro-batch only.
         syncing = i == len(batches) - 1 or not hasattr(model, "no_sync")
         with (contextlib.nullcontext() if syncing else model.no_sync()), mixed.autocast(precision, device):
-            loss = model(**{k: v.to(device) for k, v in batch.items()}, num_items_in_batch=targets).loss
+            outputs = model(**{k: v.to(device) for k, v in batch.items()}, num_items_in_batch=targets)
             # DDP averages gradients over workers; the loss is already a share of the global sum.
-            (loss * world).backward()
-        loss_sum += loss.item()
-    (global_loss,) = all_reduce_sum(device, loss_sum)
+            (outputs.loss * world).backward()
+        loss_sum += outputs.loss.item()
+        if auxiliary:
+            task_sum += summed_token_loss(outputs.logits, batch["labels"]) / targets
+    loss, task = all_reduce_sum(device, loss_sum, task_sum)
     # A non-finite loss leaves the weights as they were: the caller ends the run, and no NaN reaches an adapter.
-    if math.isfinite(global_loss):
+    if math.isfinite(loss):
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
         optimizer.step()
-    return global_loss, tokens, slots
+    return Step(loss, tokens, slots, loss - task if auxiliary else None)
+
+
+def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The causal LM's cross-entropy summed over the target tokens, as transformers computes it (float32 logits, each
+    position predicting the next token)."""
+    with torch.no_grad():
+        return F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
+            ignore_index=IGNORE_INDEX, reduction="sum",
+        ).item()
 
 
 def all_reduce_sum(device: torch.device, *values: float) -> tuple:

@@ -19,7 +19,6 @@ import os
 import signal
 import sys
 import time
-import typing
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 import ray
 
-from .config import DIVERGED, DTYPES, EVAL_MODES, PROTOCOLS, TrialConfig, comma_list, field_type
+from .config import DIVERGED, DTYPES, EVAL_MODES, PROTOCOLS, TrialConfig, add_setting, shown
 from .storage import check_storage, storage_root
 
 if TYPE_CHECKING:
@@ -292,20 +291,20 @@ def print_summary(result: TrialResult) -> None:
     print(f"wall time: {result.wall_time_s:.1f} s")
 
 
+def parser() -> argparse.ArgumentParser:
+    """One flag per TrialConfig field (--max-steps for max_steps), with its help and default; lists are
+    comma-separated. The description is the module's docstring, its example as written, without the last paragraph,
+    which is for readers of the code."""
+    p = argparse.ArgumentParser(
+        description=__doc__.rsplit("\n\n", 1)[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for name, default in dataclasses.asdict(TrialConfig()).items():
+        add_setting(p, name, shown(name, default), default=default)
+    return p
+
+
 def parse_args(argv: Optional[list[str]] = None) -> TrialConfig:
-    """One flag per TrialConfig field (--max-steps for max_steps); lists are comma-separated."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for field in dataclasses.fields(TrialConfig):
-        flag = "--" + field.name.replace("_", "-")
-        base, _ = field_type(field.name)
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif typing.get_origin(base) is list:
-            parser.add_argument(flag, type=comma_list, default=default)
-        else:
-            parser.add_argument(flag, type=base, default=default)
-    return TrialConfig(**vars(parser.parse_args(argv)))
+    return TrialConfig(**vars(parser().parse_args(argv)))
 
 
 def stop_on_sigterm() -> None:

@@ -1,0 +1,227 @@
+"""What a sweep shows while it runs: what it will run, a line when each trial starts and ends, and a live progress line
+(trial k of n, step s of S, loss, ETA): a tqdm bar in a terminal, plain lines elsewhere.
+
+Ray's own output (its banners, Tune's tables and result boxes, the workers' logs that Ray forwards to the driver)
+goes to a log file in the sweep's folder instead (`output_to`), unless the user asks for it (-v). The sweep's lines
+still reach the terminal: they are written to a copy of the terminal's file descriptor taken before the redirection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, TextIO
+
+from ray import tune
+from tqdm import tqdm
+
+from .config import DIVERGED
+
+PLAIN_EVERY_S = 15.0
+ENDED = ("TERMINATED", "ERROR")  # Tune's statuses of a trial that will not run again  # how often a progress line is printed when the output is not a terminal
+
+
+class Console:
+    """The stream the sweep's own lines go to, and the progress bar drawn at its bottom when it is a terminal."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.bar: Optional[tqdm] = None
+
+    def say(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)  # above the bar, which is drawn again below it
+        else:
+            print(line, file=self.stream, flush=True)
+
+
+_redirected: Optional[Console] = None  # while output_to sends the process's output to a log: the terminal
+_plain: Optional[Console] = None
+
+
+def console() -> Console:
+    """Where the sweep's lines go now: the terminal, also while Ray's output goes to a log file; else standard output
+    as it is now (a caller may have replaced sys.stdout)."""
+    global _plain
+    if _redirected is not None:
+        return _redirected
+    if _plain is None or _plain.stream is not sys.stdout:
+        _plain = Console(sys.stdout)
+    return _plain
+
+
+@contextlib.contextmanager
+def output_to(log: Optional[Path]) -> Iterator[None]:
+    """Send everything this process writes to its standard output and error (Ray, Tune, the workers' forwarded logs,
+    warnings) to `log` for the duration of the block, while console() keeps writing where standard output went before.
+    None: leave the output as it is (verbose).
+
+    Both the file descriptors (what Ray's C++ core and subprocesses write) and Python's sys.stdout and sys.stderr
+    (which a notebook or pytest may have pointed elsewhere) are redirected.
+    """
+    global _redirected
+    if log is None:
+        yield
+        return
+    log.parent.mkdir(parents=True, exist_ok=True)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    previous = _redirected
+    # A process's own standard output is about to become the log: write to a copy of it. Any other stream stays as it is.
+    owned = writes_to_fd_1(sys.stdout)
+    terminal = os.fdopen(os.dup(saved[0]), "w", buffering=1) if owned else sys.stdout
+    with open(log, "a", buffering=1) as file, contextlib.redirect_stdout(file), contextlib.redirect_stderr(file):
+        for fd in (1, 2):
+            os.dup2(file.fileno(), fd)
+        _redirected = Console(terminal)
+        try:
+            yield
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
+            _redirected = previous
+            if owned:
+                terminal.close()
+
+
+def writes_to_fd_1(stream: TextIO) -> bool:
+    try:
+        return stream.fileno() == 1
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
+        return False
+
+
+class SweepProgress(tune.Callback):
+    """A Tune callback on the sweep's driver that tells the console how the trials go.
+
+    Trials are numbered in the order Tune created them (the same after a resume). The ETA assumes that the steps still
+    to run take as long as the steps run so far did, start-up and evaluations included.
+    """
+
+    def __init__(self, planned: int, searched: Sequence[str], metric: str):
+        self.planned, self.searched, self.metric = planned, list(searched), metric
+        self._reset()
+
+    def _reset(self) -> None:
+        self._started = time.monotonic()
+        self._steps: dict[str, int] = {}  # trial id -> steps done (all of them once it ended)
+        self._totals: dict[str, int] = {}  # trial id -> its total steps, once it reported them
+        self._values: dict[str, float] = {}  # trial id -> last value of the metric
+        self._running: dict[str, str] = {}  # trial id -> "k/n", of the trials that run now
+        self._ended: set[str] = set()  # trials ended while this driver watched
+        self._earlier: set[str] = set()  # trials that had ended before (a resumed sweep)
+        self._loss: Optional[float] = None
+        self._printed = 0.0
+
+    # Tune pickles its callbacks with the experiment state: only the settings travel.
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    def setup(self, **info: Any) -> None:
+        self._reset()
+
+    def on_trial_start(self, iteration: int, trials: list, trial: tune.experiment.Trial, **info: Any) -> None:
+        self._earlier |= {t.trial_id for t in trials if t.status in ENDED and t.trial_id not in self._ended}
+        self._running[trial.trial_id] = f"{trials.index(trial) + 1}/{max(self.planned, len(trials))}"
+        self._line(trial, "started")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: tune.experiment.Trial, result: dict, **info: Any) -> None:
+        if "step" not in result or DIVERGED in result:
+            return
+        self._steps[trial.trial_id] = int(result["step"])
+        if "total_steps" in result:
+            self._totals[trial.trial_id] = int(result["total_steps"])
+        if result.get(self.metric) is not None:
+            self._values[trial.trial_id] = float(result[self.metric])
+        if result.get("loss") is not None:
+            self._loss = float(result["loss"])
+        self._progress(trial)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: tune.experiment.Trial, **info: Any) -> None:
+        last = trial.last_result or {}
+        step, total = self._steps.get(trial.trial_id, 0), self._totals.get(trial.trial_id)
+        if DIVERGED in last:
+            outcome = f"diverged at step {last[DIVERGED]} (its loss was not finite)"
+        elif total is not None and step < total:
+            outcome = f"stopped early at step {step} of {total}"
+        else:
+            value = self._values.get(trial.trial_id)
+            outcome = "finished" + (f": {self.metric} {value:.4f}" if value is not None else "")
+        self._end(trial, f"{outcome}, {last.get('time_total_s', 0):.0f} s")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: tune.experiment.Trial, **info: Any) -> None:
+        self._end(trial, f"FAILED: {getattr(trial, 'error_file', None) or 'see the log'}")
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        out = console()
+        if out.bar is not None:
+            out.bar.close()
+            out.bar = None
+
+    # helpers
+
+    def _label(self, trial: tune.experiment.Trial) -> str:
+        return " ".join(f"{k}={trial.config[k]}" for k in self.searched)
+
+    def _line(self, trial: tune.experiment.Trial, what: str) -> None:
+        console().say(f"[{self._running.get(trial.trial_id, '?')}] {self._label(trial)} {what}")
+
+    def _end(self, trial: tune.experiment.Trial, what: str) -> None:
+        self._line(trial, what)
+        self._running.pop(trial.trial_id, None)
+        self._ended.add(trial.trial_id)  # what it did not run (stopped early, failed) is left out of the ETA
+        self._progress(trial)
+
+    def progress_line(self, trial: tune.experiment.Trial) -> str:
+        """d/n trials done · trial k/n step s/S (the trial that reported last, while it runs) · loss · elapsed · ETA."""
+        parts = [f"{len(self._ended | self._earlier)}/{self.planned} trials done"]
+        if trial.trial_id in self._running:
+            total = self._totals.get(trial.trial_id)
+            parts.append(f"trial {self._running[trial.trial_id]} step {self._steps.get(trial.trial_id, 0)}/{total or '?'}")
+            if self._loss is not None:
+                parts.append(f"loss {self._loss:.4f}")
+        parts.append(f"{clock(time.monotonic() - self._started)} elapsed")
+        eta = self.eta_s()
+        parts.append(f"ETA {clock(eta)}" if eta is not None else "ETA ?")
+        return " · ".join(parts)
+
+    def eta_s(self) -> Optional[float]:
+        """The steps still to run, at the pace of the steps this driver has seen run (start-ups and evaluations in)."""
+        done = sum(self._steps.values())
+        if not done or not self._totals:
+            return None
+        per_trial = sum(self._totals.values()) / len(self._totals)  # a trial that reported no total yet: the mean
+        seen = set(self._steps) | set(self._running) | self._ended | self._earlier
+        left = sum(max(0.0, self._totals.get(t, per_trial) - self._steps.get(t, 0)) for t in self._running)
+        left += per_trial * max(0, self.planned - len(seen))
+        return (time.monotonic() - self._started) * left / done
+
+    def _progress(self, trial: tune.experiment.Trial) -> None:
+        out = console()
+        line = self.progress_line(trial)
+        if out.tty:
+            if out.bar is None:
+                out.bar = tqdm(total=0, file=out.stream, bar_format="{desc}", dynamic_ncols=True, leave=False)
+            out.bar.set_description_str(line)
+        elif time.monotonic() - self._printed >= PLAIN_EVERY_S or trial.trial_id not in self._running:
+            out.say(line)
+            self._printed = time.monotonic()
+
+
+def clock(seconds: float) -> str:
+    """1:02:03, 4:05."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

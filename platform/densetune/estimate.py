@@ -1,0 +1,90 @@
+"""What a trial will take before it runs: its model with its adapter built in this process, two of its training steps
+and one batch of its evaluation timed on this machine, and those times scaled to the trial's steps and questions.
+
+An estimate, not a promise: it assumes every step costs what the measured ones did, data-parallel workers that scale
+perfectly, and Ray Train's start-up as measured on the project's 2-core machine (docs/PERFORMANCE.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import precision as mixed
+from .batching import epoch_batches, token_counts
+from .config import TrialConfig
+from .data import collate
+from .evaluate import evaluate
+from .inputs import TrialData, eval_set, training_rows
+from .models import load_tokenizer
+from .train import build_model, train_step
+
+# Ray Train's own start-up for each trial, fit() to a no-op training function: 4.7 s (docs/PERFORMANCE.md, median of 3).
+RAY_TRAIN_START_S = 4.7
+
+
+@dataclass
+class Measured:
+    device: str  # where it was measured: cpu, cuda
+    precision: str
+    load_s: float  # loading the model and applying the adapter
+    step_s: float  # one optimizer step of the trial's global batch, on one worker
+    question_s: float  # one evaluation question
+
+
+def measure(config: TrialConfig, data: TrialData, steps: int = 2) -> Measured:
+    """Time `config`'s model on this machine: loading it, `steps` training steps after one that warms up, one batch of
+    evaluation questions. Nothing is saved; the weights it trains are thrown away."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = mixed.resolve(config.dtype, device)
+    started = time.perf_counter()
+    model, optimizer, _ = build_model(config, precision, device, total_steps=steps + 1)
+    load_s = time.perf_counter() - started
+    tokenizer = load_tokenizer(config.model)
+    examples = training_rows(config, data)
+    lengths = data.train.lengths[examples]
+    batches = epoch_batches(lengths, config.batch_size, config.micro_batch_size, 0, config.seed, 0, 1)
+    times = []
+    for micro_batches in batches[: steps + 1]:
+        started = time.perf_counter()
+        inputs = [collate(data.train, examples[batch], tokenizer.pad_token_id) for batch in micro_batches]
+        train_step(model, inputs, token_counts(lengths, micro_batches), 1, device, precision, config, optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - started)
+    name, rows = eval_set(dataclasses.replace(config, eval_limit=config.eval_batch_size), *data.eval_sets[0])
+    started = time.perf_counter()
+    with mixed.autocast(precision, device):
+        evaluate(model, tokenizer, name, rows, config.eval_mode, config.max_new_tokens, config.eval_batch_size,
+                 protocol=config.protocol)
+    question_s = (time.perf_counter() - started) / len(rows)
+    measured = times[1:] or times
+    return Measured(device.type, precision, load_s, sum(measured) / len(measured), question_s)
+
+
+def total_steps(config: TrialConfig, data: TrialData) -> int:
+    """The optimizer steps the trial will take, as the training loop counts them."""
+    return config.max_steps or config.epochs * (len(training_rows(config, data)) // config.batch_size)
+
+
+def questions(config: TrialConfig, data: TrialData) -> int:
+    """The questions one evaluation answers, over every benchmark."""
+    return sum(len(eval_set(config, name, rows)[1]) for name, rows in data.eval_sets)
+
+
+def evaluations(config: TrialConfig, steps: int) -> int:
+    """How often the trial evaluates: at the end, every eval_every steps, and before training with eval_at_start."""
+    periodic = (steps - 1) // config.eval_every if config.eval_every else 0
+    return 1 + periodic + int(config.eval_at_start)
+
+
+def trial_seconds(config: TrialConfig, data: TrialData, measured: Measured) -> dict[str, float]:
+    """The estimated seconds of one trial, by part: Ray's start, loading, training, evaluating."""
+    steps = total_steps(config, data)
+    return {
+        "start": RAY_TRAIN_START_S, "load": measured.load_s,
+        "train": steps * measured.step_s / max(1, config.num_workers),
+        "evaluate": evaluations(config, steps) * questions(config, data) * measured.question_s,
+    }
