@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test sweep smoke budget trial clean
+.PHONY: setup test sweep smoke budget trial view clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,15 @@ trial: $(STAMP)
 	$(PY) -m densetune.trial --model smollm2-135m --method denselora --rank 32 --datasets ARC-Easy --protocol text \
 		--max-steps 60 --warmup-steps 6 --batch-size 8 --no-train-on-inputs --eval-limit 200 --eval-at-start \
 		--cpus-per-worker 2 --storage-path runs
+
+# Screenshots of a smoke sweep in the MLflow UI (docs/mlflow): Debian's chromium, driven headless by
+# bench/mlflow_view.py. Installs chromium with apt-get when it is missing (root on Debian).
+VIEW ?= /tmp/densetune-view
+view: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+	rm -rf $(VIEW)
+	$(PY) experiments/rank_sweep.py --smoke --storage-path $(VIEW) --name view-smoke
+	$(PY) bench/mlflow_view.py --tracking-uri sqlite:///$(VIEW)/mlflow.db --sweep view-smoke --out docs/mlflow
 
 clean:
 	rm -rf $(VENV) *.egg-info

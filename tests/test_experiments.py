@@ -167,9 +167,10 @@ def test_a_sweep_resumes_after_its_driver_is_killed(tmp_path):
     first = finished_trials(uri)
     assert len(first) == 1
 
-    resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    # -v: Ray's and Tune's output on the console as well
+    resumed = subprocess.run([*command, "--resume", "-v"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "sweep killed (2 trials)" in resumed.stdout
+    assert "sweep killed (2 trials)" in resumed.stdout and "Trial status" in resumed.stdout
     # the study ends with its report, in the sweep's folder and on the sweep's run
     report = tmp_path / "killed" / "report.md"
     assert f"report (tables, paired tests, figures): {report}" in resumed.stdout
@@ -203,6 +204,13 @@ def test_a_sweep_with_failed_trials_exits_1_and_names_their_error_files(tmp_path
     assert error[-2] == "error: 1 of 1 trials failed; their errors:"
     assert error[-1].strip().startswith(str(tmp_path / "failing")) and error[-1].endswith("error.txt")
     assert Path(error[-1].strip()).exists()
+    # the console: the plan, the trial's failure, the table and the way to the store last; Ray's output in the log
+    out = done.stdout.strip().splitlines()
+    assert out[0].startswith("sweep failing: 1 trials (grid over rank=4) of ") and "[1/1] rank=4 started" in out
+    assert any(line.startswith("[1/1] rank=4 FAILED: ") and line.endswith("error.txt") for line in out)
+    assert out[-1] == f"  mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'} --host 127.0.0.1 --port 5000"
+    assert not [line for line in out if "╭" in line or "Trial status" in line]
+    assert "Trial status" in (tmp_path / "failing" / "sweep.log").read_text()
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.sweep = 'failing'")
     assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED"]  # the trial and the sweep
@@ -227,3 +235,34 @@ def test_bad_input_leaves_no_store_and_no_folder(tmp_path, monkeypatch, capsys, 
     err = capsys.readouterr().err
     assert err.startswith(message.replace("BAD", str(bad))) and err.count("\n") == 1
     assert not storage.exists()
+
+
+def test_a_dry_run_lists_the_trials_and_their_time_and_starts_nothing(tmp_path, capsys):
+    import ray
+
+    storage = tmp_path / "runs"
+    study = load(ROOT / "experiments" / "rank_sweep.py").STUDY
+    assert main(study, "", ["--smoke", "--dry-run", "--storage-path", str(storage)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:4] == [
+        "dry run of sweep rank_sweep: 3 trials, nothing started", "  trial 1: rank=8", "  trial 2: rank=32",
+        "  trial 3: rank=128",
+    ]
+    assert out[4] == "each trial: 1 worker(s) of 1 CPU (and GPUs if the cluster has them)"
+    assert out[5].startswith("measured here on cpu in ") and " s per step, " in out[5]
+    assert out[6].startswith("estimate per trial: start 5 s + load ") and " + train " in out[6]
+    assert out[7].startswith("estimate of the sweep: 3 trials, 2 at a time on this machine: ")
+    assert not storage.exists() and not ray.is_initialized()
+
+
+def test_the_estimate_adds_up_the_measured_parts():
+    from densetune.config import TrialConfig
+    from densetune.estimate import RAY_TRAIN_START_S, Measured, trial_seconds
+    from densetune.inputs import load_data
+
+    config = TrialConfig(model="tiny-llama", datasets=["synthetic"], max_steps=60, eval_limit=200, eval_at_start=True,
+                         eval_every=25, num_workers=2, batch_size=8)
+    measured = Measured("cpu", "float32", load_s=2.0, step_s=1.5, question_s=0.1)
+    parts = trial_seconds(config, load_data(config), measured)
+    # 60 steps of 1.5 s on two workers; evaluations before training, at steps 25 and 50 and at the end: 4 x 200 questions
+    assert parts == pytest.approx({"start": RAY_TRAIN_START_S, "load": 2.0, "train": 45.0, "evaluate": 80.0})

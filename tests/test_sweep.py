@@ -43,9 +43,22 @@ def expected_trainable(method: str, variant: str, rank: int) -> int:
     return densemod.parameter_report(peft.get_peft_model(load_model("tiny-llama"), config)).trainable
 
 
-def test_a_grid_sweep_is_one_parent_run_with_one_finished_child_per_trial(local_ray, tmp_path):
+def test_a_grid_sweep_is_one_parent_run_with_one_finished_child_per_trial(local_ray, tmp_path, capfd):
     sweep = SweepConfig("grid_study", {"method": ["denselora", "freeze", "lora"]}, trial(tmp_path, rank=4), name="g")
     result = run_sweep(sweep)
+
+    # the console: what it runs, where, a line as each trial starts and ends, progress; Ray's and Tune's output is in
+    # the sweep's log
+    out = capfd.readouterr().out.splitlines()
+    assert out[0].startswith("sweep g: 3 trials (grid over method=denselora,freeze,lora) of tiny-llama on synthetic")
+    assert out[3] == f"  Ray's output: {tmp_path / 'runs' / 'g' / 'sweep.log'} (-v shows it here)"
+    for method in ("denselora", "freeze", "lora"):
+        assert sum(line.endswith(f"method={method} started") for line in out) == 1
+        assert sum(f"method={method} finished: accuracy/average 0." in line for line in out) == 1
+    assert out[-1].startswith("3/3 trials done · ") and out[-1].endswith("ETA 0:00")
+    assert not [line for line in out if "Trial status" in line or "╭" in line or "Traceback" in line]
+    log = (tmp_path / "runs" / "g" / "sweep.log").read_text()
+    assert "Trial status" in log and "RayTrainWorker" in log
 
     client, parents, children = tracked(result.tracking_uri, "g")
     assert result.tracking_uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
@@ -71,6 +84,10 @@ def test_a_grid_sweep_is_one_parent_run_with_one_finished_child_per_trial(local_
         # resources as used: a CPU run names no GPU count; the sweep's folder is on the sweep's run
         assert params["use_gpu"] == "False" and "gpus_per_worker" not in params and "storage_path" not in params
         assert tags["study"] == "grid_study" and tags["sweep"] == "g" and tags["ray.trial_id"]
+        assert tags["mlflow.source.name"]  # the UI's Source column: the driver's script
+        # the UI's Dataset column: what it trained and evaluated on
+        inputs = [(d.dataset.name, d.tags[0].value) for d in child.inputs.dataset_inputs]
+        assert sorted(inputs) == [("synthetic/test", "evaluation"), ("synthetic/train", "training")]
         assert len(tags["mlflow.source.git.commit"]) == 40
         assert {"loss", "learning_rate", "tokens_per_s", "peak_memory_mb", "wall_time_s"} <= set(metrics)
         assert {"accuracy/synthetic", "accuracy/average"} <= set(metrics)

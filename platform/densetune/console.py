@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, TextIO
@@ -54,20 +55,51 @@ def console() -> Console:
     return _plain
 
 
+class Redirect:
+    """The file that this process's output goes to inside output_to: a temporary one until move_to names the log."""
+
+    def __init__(self, file: Optional[TextIO]):
+        self.file = file
+        self.temporary = file is not None
+
+    def move_to(self, log: Path) -> None:
+        """Go on in `log` (appended to; its folder created), the output so far first. Called once the run is sure to
+        go ahead, so that a run its checks refuse leaves no folder behind."""
+        if self.file is None:
+            return
+        log.parent.mkdir(parents=True, exist_ok=True)
+        final = open(log, "a", buffering=1)
+        for stream in (sys.stdout, sys.stderr, self.file):
+            stream.flush()
+        final.write(Path(self.file.name).read_text())
+        for fd in (1, 2):
+            os.dup2(final.fileno(), fd)
+        sys.stdout = sys.stderr = final  # output_to's redirect_stdout and redirect_stderr put the originals back
+        self.close()
+        self.file, self.temporary = final, False
+
+    def close(self) -> None:
+        """Close the file; a temporary one that was never moved is removed."""
+        if self.file is not None:
+            self.file.close()
+            if self.temporary:
+                os.remove(self.file.name)
+
+
 @contextlib.contextmanager
-def output_to(log: Optional[Path]) -> Iterator[None]:
-    """Send everything this process writes to its standard output and error (Ray, Tune, the workers' forwarded logs,
-    warnings) to `log` for the duration of the block, while console() keeps writing where standard output went before.
-    None: leave the output as it is (verbose).
+def output_to(quiet: bool) -> Iterator[Redirect]:
+    """With `quiet`, send everything this process writes to its standard output and error (Ray, Tune, the workers'
+    forwarded logs, warnings) to a file for the duration of the block, while console() keeps writing where standard
+    output went before; the file is temporary until the Redirect yielded moves it to the sweep's log. Without `quiet`
+    (verbose), leave the output as it is.
 
     Both the file descriptors (what Ray's C++ core and subprocesses write) and Python's sys.stdout and sys.stderr
     (which a notebook or pytest may have pointed elsewhere) are redirected.
     """
     global _redirected
-    if log is None:
-        yield
+    if not quiet:
+        yield Redirect(None)
         return
-    log.parent.mkdir(parents=True, exist_ok=True)
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     saved = [os.dup(1), os.dup(2)]
@@ -75,12 +107,13 @@ def output_to(log: Optional[Path]) -> Iterator[None]:
     # A process's own standard output is about to become the log: write to a copy of it. Any other stream stays as it is.
     owned = writes_to_fd_1(sys.stdout)
     terminal = os.fdopen(os.dup(saved[0]), "w", buffering=1) if owned else sys.stdout
-    with open(log, "a", buffering=1) as file, contextlib.redirect_stdout(file), contextlib.redirect_stderr(file):
+    redirect = Redirect(tempfile.NamedTemporaryFile("w", prefix="densetune-", suffix=".log", delete=False, buffering=1))
+    with contextlib.redirect_stdout(redirect.file), contextlib.redirect_stderr(redirect.file):
         for fd in (1, 2):
-            os.dup2(file.fileno(), fd)
+            os.dup2(redirect.file.fileno(), fd)
         _redirected = Console(terminal)
         try:
-            yield
+            yield redirect
         finally:
             for stream in (sys.stdout, sys.stderr):
                 stream.flush()
@@ -88,6 +121,7 @@ def output_to(log: Optional[Path]) -> Iterator[None]:
                 os.dup2(copy, fd)
                 os.close(copy)
             _redirected = previous
+            redirect.close()
             if owned:
                 terminal.close()
 

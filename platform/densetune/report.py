@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Run
 
 from .stats import McNemar, holm, majority_baseline, mcnemar, mean_interval
-from .tracking import PREDICTIONS, ROLE, SNAPSHOTS, SWEEP, experiment_ids, store_uri, sweep_runs
+from .tracking import DEVICE_SECONDS, PREDICTIONS, ROLE, SNAPSHOTS, SWEEP, experiment_ids, store_uri, sweep_runs
 
 FINISHED = "FINISHED"
 AVERAGE = "average"
@@ -369,6 +369,10 @@ def trials_section(record: SweepRecord) -> list[str]:
     for when in ("untuned", "trained"):
         if f"{when}_accuracy/{AVERAGE}" in trials:
             columns[when] = trials[f"{when}_accuracy/{AVERAGE}"].map(percent)
+    # what each trial cost: the devices it reserved times its wall time, and the tokens it trained on
+    for name, column in (("device seconds", DEVICE_SECONDS), ("tokens", "tokens_seen")):
+        if column in trials:
+            columns[name] = trials[column].map(count)
     excluded = (trials["status"] != FINISHED).sum()
     note = [f"{excluded} trial(s) did not finish: they are listed here but left out of every statistic and figure.", ""]
     return ["## Trials", "", *markdown_table(pd.DataFrame(columns)), "", *(note if excluded else [])]
@@ -686,7 +690,7 @@ def trials_csv(record: SweepRecord) -> pd.DataFrame:
     settings = record.configuration_keys
     evaluated = [f"{when}_{m}" for m in record.metrics for when in ("untuned", "trained")]
     columns = ["trial_id", "run_id", "status", *settings, "seed", "trainable_params", "trainable_pct", *evaluated,
-               "wall_time_s"]
+               "wall_time_s", DEVICE_SECONDS, "tokens_seen"]
     return record.trials.reindex(columns=columns).sort_values(["trial_id"]) if not record.trials.empty else \
         pd.DataFrame(columns=columns)
 

@@ -291,9 +291,10 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
     check_storage(sweep.trial.storage_path)
     check_tracking_uri(uri)
     log = local_folder(folder, name) / "sweep.log"
-    with output_to(None if sweep.verbose else log), own_ray():
+    with output_to(not sweep.verbose) as output, own_ray():
         gpu = uses_gpu(sweep.trial)
         check_placeable(sweep.trial, gpu)
+        output.move_to(log)
         concurrent = sweep.max_concurrent or trials_that_fit(sweep.trial, gpu)
         for line in plan(sweep, name, folder, uri, concurrent, None if sweep.verbose else log):
             console().say(line)

@@ -12,10 +12,12 @@ import dataclasses
 from collections import Counter
 import fcntl
 import functools
+import hashlib
 import json
 import logging
 import os
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -26,8 +28,10 @@ import pandas as pd
 import pyarrow.fs
 import ray.train
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
-from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE,
+)
 from ray import tune
 
 from .config import DIVERGED, TrialConfig, field_type
@@ -135,6 +139,28 @@ def git_commit() -> str:
         return "unknown"
 
 
+def source_tags() -> dict[str, str]:
+    """The UI's Source column: the script that drove the sweep (a study, or python for the API)."""
+    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] not in ("", "-c") else "python"
+    return {MLFLOW_SOURCE_NAME: script, MLFLOW_SOURCE_TYPE: "LOCAL"}
+
+
+def dataset_inputs(config: TrialConfig) -> list[DatasetInput]:
+    """The UI's Dataset column: each source the trial trains on (context training) and evaluates on (evaluation), as
+    `<data set>/<split>` (ARC-Easy/train, ARC-Easy/test). MLflow wants a digest: this one is of the name, not of the
+    content."""
+    inputs = []
+    splits = (("training", "train", config.datasets), ("evaluation", "test", config.eval_datasets or config.datasets))
+    for context, split, sources in splits:
+        for source in sources:
+            path = Path(source.rstrip("/"))
+            name = f"{path.parent.name}/{path.stem}" if path.suffix == ".json" else f"{path.name or source}/{split}"
+            digest = hashlib.sha256(f"{source}:{split}".encode()).hexdigest()[:8]
+            dataset = Dataset(name, digest, "local", json.dumps({"uri": source, "split": split}))
+            inputs.append(DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    return inputs
+
+
 def config_params(config: TrialConfig, gpu: bool) -> dict[str, str]:
     """The trial's settings as MLflow params, with derived defaults spelt out (alpha = 2r, eval sets = train sets) and
     resources as used (`gpu`: whether its workers train on GPUs; no GPU count on a CPU run)."""
@@ -210,7 +236,9 @@ class SweepTracker(tune.Callback):
             else:
                 self._parent = self.client.create_run(
                     self.experiment_id, run_name=self.sweep,
-                    tags={ROLE: "sweep", SWEEP: self.sweep, STUDY: self.study, MLFLOW_GIT_COMMIT: git_commit()},
+                    tags={
+                        ROLE: "sweep", SWEEP: self.sweep, STUDY: self.study, MLFLOW_GIT_COMMIT: git_commit(), **source_tags(),
+                    },
                 ).info.run_id
                 self._log(self._parent, params=self.sweep_params)
         return self._parent
@@ -339,10 +367,11 @@ class SweepTracker(tune.Callback):
                 self.experiment_id, run_name=name,
                 tags={
                     ROLE: "trial", SWEEP: self.sweep, STUDY: self.study, TRIAL_ID: trial.trial_id,
-                    MLFLOW_PARENT_RUN_ID: self.parent_run_id(), MLFLOW_GIT_COMMIT: git_commit(),
+                    MLFLOW_PARENT_RUN_ID: self.parent_run_id(), MLFLOW_GIT_COMMIT: git_commit(), **source_tags(),
                 },
             ).info.run_id
             self._log(run_id, params=config_params(config, self.gpu))
+            self.client.log_inputs(run_id, datasets=dataset_inputs(config))
         self._runs[trial.trial_id] = run_id
         return run_id
 
