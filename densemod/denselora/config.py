@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from peft.config import PeftConfig
 
-PEFT_TYPE = "DENSELORA"
+from .card import name_in_model_card
+
+
+class DenseLoraPeftType(str, enum.Enum):
+    """DenseLoRA's PEFT type, a member of an enum of the same kind as PEFT's closed `PeftType`.
+
+    PEFT's code and its users treat a config's `peft_type` as a `PeftType` member: they read `.value`, compare it
+    with the string, key PEFT's mappings with it and write it to adapter_config.json. A str-mixin enum member does all
+    of that exactly as PEFT's own members do: `.value` is "DENSELORA", it equals and hashes like "DENSELORA", and
+    JSON writes it as "DENSELORA".
+    """
+
+    DENSELORA = "DENSELORA"
+
+
+PEFT_TYPE = DenseLoraPeftType.DENSELORA
 VARIANTS = ("denselora", "freeze", "only_matrix")
 SHARE_SCOPES = ("kind", "layer")
 
@@ -32,6 +48,22 @@ def check_dropout(dropout: object) -> None:
         raise ValueError(f"lora_dropout must be a number in [0, 1); got {dropout!r}")
 
 
+def check_bias(bias: object) -> None:
+    if bias != "none":
+        raise ValueError(f"bias must be 'none': DenseLoRA has no bias of its own to train; got {bias!r}")
+
+
+def check_layer_selection(target_modules: object, layers_to_transform: object, layers_pattern: object) -> None:
+    # The same rules as LoraConfig's: layer indexes are found in module names, which a regex target already spells out.
+    if isinstance(target_modules, str) and (layers_to_transform is not None or layers_pattern is not None):
+        raise ValueError(
+            "layers_to_transform and layers_pattern need target_modules as a list of names, not the string "
+            f"{target_modules!r}"
+        )
+    if layers_pattern and layers_to_transform is None:
+        raise ValueError("layers_pattern needs layers_to_transform: say which layer indexes to adapt")
+
+
 @dataclass
 class DenseLoraConfig(PeftConfig):
     """DenseLoRA: y = W0 h + (alpha / r) * drop(act(W_d M drop(act(W_e drop(h))))).
@@ -51,6 +83,13 @@ class DenseLoraConfig(PeftConfig):
             own W_e, W_d: the ablation without sharing).
         init_weights: True starts W_d at zero (variant "freeze": M at zero) so that the adapter is a no-op at first;
             False initialises every matrix randomly, which tests use to get a non-trivial adapter.
+
+    The generic PEFT fields mean what they mean for LoraConfig: exclude_modules, layers_to_transform and
+    layers_pattern narrow the targets; modules_to_save trains a full copy of each named module (a classifier head,
+    an embedding) beside the adapter and saves it with it; inference_mode freezes the adapter. fan_in_fan_out says
+    that the targets store their weight as (in, out), as GPT-2's Conv1D does; as with LoRA, a value that disagrees
+    with a target's type is corrected with a warning. bias can only be "none": DenseLoRA has no bias of its own.
+    Saving an adapter names DenseLoRA and densemod in the model card PEFT writes beside it.
     """
 
     r: int = field(default=16, metadata={"help": "Rank: the size of the dense r x r matrix M."})
@@ -63,6 +102,14 @@ class DenseLoraConfig(PeftConfig):
     exclude_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Names or a regex of modules not to adapt."}
     )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Modules (name suffixes) trained in full beside the adapter and saved with it, e.g. a head."},
+    )
+    fan_in_fan_out: bool = field(
+        default=False, metadata={"help": "True if the targets store their weight as (in, out), like GPT-2's Conv1D."}
+    )
+    bias: str = field(default="none", metadata={"help": "Only 'none': DenseLoRA has no bias of its own."})
     variant: str = field(default="denselora", metadata={"help": f"One of {VARIANTS}."})
     share_scope: str = field(default="kind", metadata={"help": f"One of {SHARE_SCOPES}."})
     init_weights: bool = field(default=True, metadata={"help": "False: random init everywhere (for tests)."})
@@ -83,12 +130,21 @@ class DenseLoraConfig(PeftConfig):
         check_dropout(self.lora_dropout)
         check_choice("variant", self.variant, VARIANTS)
         check_choice("share_scope", self.share_scope, SHARE_SCOPES)
+        check_bias(self.bias)
+        check_layer_selection(self.target_modules, self.layers_to_transform, self.layers_pattern)
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("layers_pattern needs layers_to_transform: say which layer indexes to adapt")
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Write adapter_config.json and name DenseLoRA in the model card beside it.
+
+        PeftModel.save_pretrained writes the card (README.md) just before each adapter's config and offers no other
+        hook into it, so the card is completed here.
+        """
+        super().save_pretrained(save_directory, **kwargs)
+        name_in_model_card(save_directory)
 
     @property
     def scaling(self) -> float:

@@ -1,4 +1,4 @@
-"""The DenseLoRA layer: a frozen nn.Linear plus act(W_d M act(W_e h)), W_e and W_d held by the tuner."""
+"""The DenseLoRA layer: a frozen linear layer plus act(W_d M act(W_e h)), W_e and W_d held by the tuner."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.utils.other import transpose
+from transformers.pytorch_utils import Conv1D
 
 from .branch import dense_branch
 from .config import DenseLoraConfig
@@ -26,6 +28,16 @@ class SharedProjections(NamedTuple):
 
     def weights(self, adapter_name: str, share_key: str) -> tuple[nn.Parameter, nn.Parameter]:
         return self.encoder[adapter_name][share_key], self.decoder[adapter_name][share_key]
+
+
+def linear_sizes(module: nn.Module) -> Optional[tuple[int, int]]:
+    """(in, out) of a layer DenseLoRA can adapt: an nn.Linear, or transformers' Conv1D (GPT-2's, weight in x out)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        in_features, out_features = module.weight.shape
+        return in_features, out_features
+    return None
 
 
 def kaiming_uniform_(weight: torch.Tensor) -> torch.Tensor:
@@ -61,8 +73,9 @@ class DenseLoraLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         base = self.get_base_layer()
-        self.in_features = base.in_features
-        self.out_features = base.out_features
+        self.in_features, self.out_features = linear_sizes(base)
+        # The branch never reads W0; only merging must add Delta W in W0's layout, (in, out) for a Conv1D.
+        self.fan_in_fan_out = isinstance(base, Conv1D)
         self.kwargs = kwargs
 
     def update_layer(self, adapter_name: str, share_key: str, config: DenseLoraConfig) -> None:
@@ -91,7 +104,8 @@ class DenseLoraLayer(BaseTunerLayer):
         return dense_branch(x, w_e, m, w_d, self.scaling[adapter_name], dropout, activate)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """Delta W = (alpha / r) W_d M W_e (out x in); exists only for the activation-free variant."""
+        """Delta W = (alpha / r) W_d M W_e in the base weight's layout (out x in, a Conv1D's in x out); exists only for
+        the activation-free variant."""
         if self.variant[adapter_name] != "only_matrix":
             raise merge_error(self.variant[adapter_name])
         w_e, w_d = self.shared.weights(adapter_name, self.share_key[adapter_name])
@@ -99,7 +113,7 @@ class DenseLoraLayer(BaseTunerLayer):
         # bf16/fp16 matmuls are slow or missing on CPU: compute in fp32 there, as PEFT's own layers do.
         compute_dtype = torch.float32 if m.device.type == "cpu" else m.dtype
         delta = w_d.to(compute_dtype) @ m.to(compute_dtype) @ w_e.to(compute_dtype)
-        return (delta * self.scaling[adapter_name]).to(m.dtype)
+        return transpose(delta * self.scaling[adapter_name], self.fan_in_fan_out).to(m.dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
@@ -125,10 +139,10 @@ class DenseLoraLayer(BaseTunerLayer):
 
 
 class Linear(nn.Module, DenseLoraLayer):
-    """An nn.Linear adapted by DenseLoRA."""
+    """An nn.Linear (or a Conv1D) adapted by DenseLoRA."""
 
     def __init__(
-        self, base_layer: nn.Linear, shared: SharedProjections, adapter_name: str, share_key: str,
+        self, base_layer: nn.Module, shared: SharedProjections, adapter_name: str, share_key: str,
         config: DenseLoraConfig, **kwargs: Any,
     ) -> None:
         super().__init__()

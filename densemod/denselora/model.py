@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 from typing import Any, Sequence
@@ -9,11 +10,15 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from peft.tuners.tuners_utils import BaseTuner
+from peft.config import PeftConfig
+from peft.tuners.tuners_utils import (
+    BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers, check_target_module_exists,
+)
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from transformers.pytorch_utils import Conv1D
 
 from .config import DenseLoraConfig
-from .layer import DenseLoraLayer, Linear, SharedProjections, kaiming_uniform_, merge_error
+from .layer import DenseLoraLayer, Linear, SharedProjections, kaiming_uniform_, linear_sizes, merge_error
 
 # The paper adapts q, k, v, up and down; for LLaMA-style families that is the default when no targets are given.
 _PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -33,7 +38,8 @@ class DenseLoraModel(BaseTuner):
     """Creates a DenseLoRA model from a pretrained model; use it through `peft.get_peft_model`.
 
     Shared weights live here, in `denselora_encoder` and `denselora_decoder` (adapter name -> share key ->
-    Parameter), so they are counted, saved, cast and moved exactly once. Each layer holds its own M.
+    Parameter), so they are counted, saved, cast and moved exactly once. Each layer holds its own M. Disabling and
+    enabling the adapters (`with model.disable_adapter():`) changes the forward pass only, never what trains.
     """
 
     uses_shared_state: bool = True
@@ -54,6 +60,7 @@ class DenseLoraModel(BaseTuner):
     def _prepare_model(self, peft_config: DenseLoraConfig, model: nn.Module) -> None:
         # Runs before any module is replaced: a bad target fails here with the model untouched.
         check_targets(peft_config, model)
+        check_kind_shapes(peft_config, model)
         super()._prepare_model(peft_config, model)
 
     def _create_and_replace(
@@ -61,10 +68,11 @@ class DenseLoraModel(BaseTuner):
         parent: nn.Module, current_key: str, **kwargs: Any,
     ) -> None:
         base = target.get_base_layer() if isinstance(target, DenseLoraLayer) else target
-        if not isinstance(base, nn.Linear):
+        if linear_sizes(base) is None:
             raise TypeError(
-                f"DenseLoRA adapts nn.Linear layers only; target {current_key!r} is a {type(base).__name__}"
+                f"DenseLoRA adapts nn.Linear (or Conv1D) layers only; target {current_key!r} is a {type(base).__name__}"
             )
+        fit_fan_in_fan_out(config, current_key, base)
         kind = module_kind(current_key)
         share_key = kind if config.share_scope == "kind" else current_key.replace(".", "__")
         self._ensure_shared(config, adapter_name, share_key, kind, base)
@@ -77,21 +85,18 @@ class DenseLoraModel(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     def _ensure_shared(
-        self, config: DenseLoraConfig, adapter_name: str, share_key: str, kind: str, base: nn.Linear
+        self, config: DenseLoraConfig, adapter_name: str, share_key: str, kind: str, base: nn.Module
     ) -> None:
-        """Create W_e (r x in) and W_d (out x r) for this adapter and share key, or check that they fit."""
-        r, k, d = config.r, base.in_features, base.out_features
+        """Create W_e (r x in) and W_d (out x r) for this adapter and share key, unless an earlier layer did.
+
+        check_kind_shapes has made sure that all layers of one share key have the same shape.
+        """
+        r, (k, d) = config.r, linear_sizes(base)
         for container in self.shared:
             if adapter_name not in container:
                 container[adapter_name] = nn.ParameterDict()
         encoders, decoders = self.denselora_encoder[adapter_name], self.denselora_decoder[adapter_name]
         if share_key in encoders:
-            have_k, have_d = encoders[share_key].shape[1], decoders[share_key].shape[0]
-            if (have_k, have_d) != (k, d):
-                raise ValueError(
-                    f"layers of kind {kind!r} differ in shape (in {have_k}, out {have_d} vs in {k}, out {d}), so "
-                    "they cannot share one encoder and decoder; use share_scope='layer'"
-                )
             return
         if r > min(k, d) and (adapter_name, kind) not in self._warned_rank:
             self._warned_rank.add((adapter_name, kind))
@@ -139,6 +144,17 @@ class DenseLoraModel(BaseTuner):
         for name in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
             self._shared_requires_grad(name, requires_grad)
 
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        # PEFT's layers and its ModulesToSaveWrapper set requires_grad when toggled: off when disabled, on for every
+        # active adapter when enabled again. That would make an adapter loaded for inference trainable (its M and its
+        # saved modules) after `with model.disable_adapter():`, and freeze a trainable one's M, but not the shared
+        # W_e, W_d held here, inside it. Disabling changes the forward pass only, so every flag is kept as it was.
+        flags = [(param, param.requires_grad) for param in self.parameters()]
+        super()._enable_adapter_layers(enabled)
+        for param, requires_grad in flags:
+            if param.requires_grad != requires_grad:
+                param.requires_grad_(requires_grad)
+
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         for container in self.shared:
@@ -151,6 +167,50 @@ class DenseLoraModel(BaseTuner):
             variant = self.peft_config[name].variant
             if variant != "only_matrix":
                 raise merge_error(variant)
+
+
+def fit_fan_in_fan_out(config: DenseLoraConfig, key: str, base: nn.Module) -> None:
+    """As LoRA does: a fan_in_fan_out that contradicts the target's weight layout is corrected, with a warning."""
+    fits = isinstance(base, Conv1D)
+    if config.fan_in_fan_out != fits:
+        layout = "(in, out)" if fits else "(out, in)"
+        warnings.warn(
+            f"fan_in_fan_out={config.fan_in_fan_out} but target {key!r} is a {type(base).__name__}, whose weight is "
+            f"stored {layout}; setting fan_in_fan_out={fits}"
+        )
+        config.fan_in_fan_out = fits
+
+
+def targeted_layers(model: nn.Module, config: PeftConfig) -> list[tuple[str, nn.Module]]:
+    """(key, base layer) of every layer DenseLoRA can adapt that `config` targets, matched as PEFT matches them; a
+    layer adapted already counts by its base layer, and nothing inside it is a target."""
+    config = _maybe_include_all_linear_layers(copy.deepcopy(config), model)
+    layers, adapted = [], []
+    for key, module in model.named_modules():
+        if any(key.startswith(prefix) for prefix in adapted):
+            continue
+        base = module
+        if isinstance(module, BaseTunerLayer):
+            adapted.append(f"{key}.")
+            base = module.get_base_layer()
+        if linear_sizes(base) is not None and check_target_module_exists(config, key):
+            layers.append((key, base))
+    return layers
+
+
+def check_kind_shapes(config: DenseLoraConfig, model: nn.Module) -> None:
+    """With share_scope 'kind', fail before any module is replaced if the layers of a kind differ in shape."""
+    if config.share_scope != "kind":
+        return
+    first_sizes: dict[str, tuple[int, int]] = {}
+    for key, base in targeted_layers(model, config):
+        kind, (k, d) = module_kind(key), linear_sizes(base)
+        have_k, have_d = first_sizes.setdefault(kind, (k, d))
+        if (have_k, have_d) != (k, d):
+            raise ValueError(
+                f"layers of kind {kind!r} differ in shape (in {have_k}, out {have_d} vs in {k}, out {d}), so "
+                "they cannot share one encoder and decoder; use share_scope='layer'"
+            )
 
 
 def check_targets(config: DenseLoraConfig, model: nn.Module) -> None:
@@ -176,9 +236,9 @@ def check_targets(config: DenseLoraConfig, model: nn.Module) -> None:
             if not _adaptable(module):
                 raise ValueError(
                     f"target module {name!r} matches {key!r}, a {type(module).__name__}; DenseLoRA adapts nn.Linear "
-                    f"layers only, named {linear_names}"
+                    f"layers only (or GPT-2's Conv1D), named {linear_names}"
                 )
 
 
 def _adaptable(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, DenseLoraLayer))
+    return isinstance(module, DenseLoraLayer) or linear_sizes(module) is not None
