@@ -11,7 +11,7 @@ import functools
 import json
 import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 if TYPE_CHECKING:
     from peft import PeftConfig
@@ -193,6 +193,12 @@ def field_type(name: str) -> Optional[tuple[Any, bool]]:
     if typing.get_origin(hint) is typing.Union:
         return next(t for t in typing.get_args(hint) if t is not type(None)), True
     return hint, False
+
+
+def settings_label(values: dict[str, Any], keys: Optional[Sequence[str]] = None) -> str:
+    """'rank=8 seed=43': how a trial is named by its searched settings (`keys`, by default all of `values`), in its
+    MLflow run, on the console and in errors."""
+    return " ".join(f"{k}={values[k]}" for k in (values if keys is None else keys))
 
 
 def comma_list(text: str) -> list[str]:

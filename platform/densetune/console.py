@@ -19,7 +19,7 @@ from typing import Any, Iterator, Optional, Sequence, TextIO
 from ray import tune
 from tqdm import tqdm
 
-from .config import DIVERGED
+from .config import DIVERGED, settings_label
 
 PLAIN_EVERY_S = 15.0
 ENDED = ("TERMINATED", "ERROR")  # Tune's statuses of a trial that will not run again  # how often a progress line is printed when the output is not a terminal
@@ -137,7 +137,9 @@ class SweepProgress(tune.Callback):
     """A Tune callback on the sweep's driver that tells the console how the trials go.
 
     Trials are numbered in the order Tune created them (the same after a resume). The ETA assumes that the steps still
-    to run take as long as the steps run so far did, start-up and evaluations included.
+    to run go at the pace that steps went between a trial's reports, and that each trial still to run costs, on top of its
+    steps, what the trials that ended cost beyond theirs (start-up, evaluations; before any ended: what running trials
+    took to their first report); trials share the time as many at once as run now.
     """
 
     def __init__(self, planned: int, searched: Sequence[str], metric: str):
@@ -154,6 +156,10 @@ class SweepProgress(tune.Callback):
         self._earlier: set[str] = set()  # trials that had ended before (a resumed sweep)
         self._loss: Optional[float] = None
         self._printed = 0.0
+        self._began: dict[str, float] = {}  # trial id -> when it started
+        self._first: dict[str, tuple[float, int]] = {}  # trial id -> (when, step) of its first report with a step
+        self._last: dict[str, tuple[float, int]] = {}  # trial id -> the same, of its last
+        self._overheads: list[float] = []  # of each ended trial, its time beyond its steps
 
     # Tune pickles its callbacks with the experiment state: only the settings travel.
     def __getstate__(self) -> dict:
@@ -169,12 +175,15 @@ class SweepProgress(tune.Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: tune.experiment.Trial, **info: Any) -> None:
         self._earlier |= {t.trial_id for t in trials if t.status in ENDED and t.trial_id not in self._ended}
         self._running[trial.trial_id] = f"{trials.index(trial) + 1}/{max(self.planned, len(trials))}"
+        self._began[trial.trial_id] = time.monotonic()
         self._line(trial, "started")
 
     def on_trial_result(self, iteration: int, trials: list, trial: tune.experiment.Trial, result: dict, **info: Any) -> None:
         if "step" not in result or DIVERGED in result:
             return
         self._steps[trial.trial_id] = int(result["step"])
+        self._last[trial.trial_id] = (time.monotonic(), int(result["step"]))
+        self._first.setdefault(trial.trial_id, self._last[trial.trial_id])
         if "total_steps" in result:
             self._totals[trial.trial_id] = int(result["total_steps"])
         if result.get(self.metric) is not None:
@@ -207,7 +216,7 @@ class SweepProgress(tune.Callback):
     # helpers
 
     def _label(self, trial: tune.experiment.Trial) -> str:
-        return " ".join(f"{k}={trial.config[k]}" for k in self.searched)
+        return settings_label(trial.config, self.searched)
 
     def _line(self, trial: tune.experiment.Trial, what: str) -> None:
         console().say(f"[{self._running.get(trial.trial_id, '?')}] {self._label(trial)} {what}")
@@ -216,6 +225,10 @@ class SweepProgress(tune.Callback):
         self._line(trial, what)
         self._running.pop(trial.trial_id, None)
         self._ended.add(trial.trial_id)  # what it did not run (stopped early, failed) is left out of the ETA
+        pace = self.step_s()
+        if trial.trial_id in self._began and pace is not None:
+            spent = time.monotonic() - self._began[trial.trial_id]
+            self._overheads.append(max(0.0, spent - self._steps.get(trial.trial_id, 0) * pace))
         self._progress(trial)
 
     def progress_line(self, trial: tune.experiment.Trial) -> str:
@@ -231,16 +244,30 @@ class SweepProgress(tune.Callback):
         parts.append(f"ETA {clock(eta)}" if eta is not None else "ETA ?")
         return " · ".join(parts)
 
+    def step_s(self) -> Optional[float]:
+        """Seconds per step between reports, over the trials seen."""
+        times = [(self._last[t][0] - when, self._last[t][1] - step) for t, (when, step) in self._first.items()]
+        steps = sum(n for _, n in times)
+        return sum(s for s, _ in times) / steps if steps else None
+
     def eta_s(self) -> Optional[float]:
-        """The steps still to run, at the pace of the steps this driver has seen run (start-ups and evaluations in)."""
-        done = sum(self._steps.values())
-        if not done or not self._totals:
+        pace = self.step_s()
+        if pace is None or not self._totals:
             return None
         per_trial = sum(self._totals.values()) / len(self._totals)  # a trial that reported no total yet: the mean
+        if self._overheads:
+            overhead = sum(self._overheads) / len(self._overheads)
+        else:
+            overhead = sum(when - self._began[t] for t, (when, _) in self._first.items() if t in self._began)
+            overhead /= max(1, sum(t in self._began for t in self._first))
+        now = time.monotonic()
+        left = 0.0
+        for t in self._running:
+            spent = now - self._began.get(t, now) - self._steps.get(t, 0) * pace  # its overhead so far
+            left += max(0.0, self._totals.get(t, per_trial) - self._steps.get(t, 0)) * pace + max(0.0, overhead - spent)
         seen = set(self._steps) | set(self._running) | self._ended | self._earlier
-        left = sum(max(0.0, self._totals.get(t, per_trial) - self._steps.get(t, 0)) for t in self._running)
-        left += per_trial * max(0, self.planned - len(seen))
-        return (time.monotonic() - self._started) * left / done
+        left += (per_trial * pace + overhead) * max(0, self.planned - len(seen))
+        return left / max(1, len(self._running))
 
     def _progress(self, trial: tune.experiment.Trial) -> None:
         out = console()

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from . import precision as mixed
 from .batching import epoch_batches, token_counts
@@ -38,6 +39,8 @@ class Measured:
 def measure(config: TrialConfig, data: TrialData, steps: int = 2) -> Measured:
     """Time `config`'s model on this machine: loading it, `steps` training steps after one that warms up, one batch of
     evaluation questions. Nothing is saved; the weights it trains are thrown away."""
+    # transformers draws a bar for loading the weights: a dry run prints its estimate only
+    hf_logging.disable_progress_bar()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = mixed.resolve(config.dtype, device)
     started = time.perf_counter()

@@ -39,7 +39,7 @@ from ray.tune.search.sample import Domain
 import densemod
 from densemod.denselora.config import check_choice
 
-from .config import DIVERGED, SCHEDULERS, SEARCHABLE, SEARCHES, SweepConfig, TrialConfig
+from .config import DIVERGED, SCHEDULERS, SEARCHABLE, SEARCHES, SweepConfig, TrialConfig, settings_label
 from .console import SweepProgress, clock, console, output_to
 from .inputs import TrialData, data_source, load_data, training_rows
 from .trial import (
@@ -158,7 +158,7 @@ def check_space(sweep: SweepConfig) -> None:
                 check_adapter_fits(config)
                 adapters.add((config.method, config.variant, config.targets))
         except ValueError as error:
-            where = " ".join(f"{k}={v}" for k, v in point.items())
+            where = settings_label(point)
             raise ValueError(f"the trial {where}: {error}") from None
 
 
@@ -346,7 +346,7 @@ def dry_run(sweep: SweepConfig) -> list[str]:
     base = dataclasses.asdict(sweep.trial)
     if sweep.search == "grid":
         points = [point for _ in range(sweep.num_samples) for point in grid_points(sweep.space)]
-        listed = [" ".join(f"{k}={v}" for k, v in point.items()) for point in points]
+        listed = [settings_label(point) for point in points]
     else:
         points = [next(grid_points(sweep.space))]
         listed = [f"{sweep.num_samples} trials drawn by {sweep.search} search from {format_search_space(sweep.space)}"]
@@ -362,7 +362,7 @@ def dry_run(sweep: SweepConfig) -> list[str]:
         f"dry run of sweep {sweep.name or sweep.study}: {planned} trials, nothing started",
         *(f"  trial {i}: {text}" for i, text in enumerate(listed, 1)),
         f"each trial: {first.num_workers} worker(s) of {per_worker}" + (" (and GPUs if the cluster has them)" if first.use_gpu is None else ""),
-        f"measured here on {measured.device} in {measured.precision} ({' '.join(f'{k}={v}' for k, v in points[0].items())}): "
+        f"measured here on {measured.device} in {measured.precision} ({settings_label(points[0])}): "
         f"load {measured.load_s:.1f} s, {measured.step_s:.2f} s per step, {measured.question_s:.3f} s per question",
         "estimate per trial: " + " + ".join(f"{k} {v:.0f} s" for k, v in parts.items()) + f" = {clock(one)} (m:ss)",
     ]

@@ -34,7 +34,7 @@ from mlflow.utils.mlflow_tags import (
 )
 from ray import tune
 
-from .config import DIVERGED, TrialConfig, field_type
+from .config import DIVERGED, TrialConfig, field_type, settings_label
 
 # Reported once per trial and constant: logged as params, and the numbers among them also as metrics (at step 0), so
 # that the UI and search_runs sort and filter them as numbers.
@@ -362,7 +362,7 @@ class SweepTracker(tune.Callback):
         else:
             config = self.to_config(trial.config)
             # named by what the sweep searched (rank=8 seed=43), as the UI's run column shows it; the trial id is a tag
-            name = " ".join(f"{k}={trial.config[k]}" for k in self.searched)
+            name = settings_label(trial.config, self.searched)
             run_id = self.client.create_run(
                 self.experiment_id, run_name=name,
                 tags={
