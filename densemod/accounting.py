@@ -1,9 +1,10 @@
 """Exact parameter accounting: what a model trains, and what the formulas predict it should train.
 
 DenseLoRA trains sum over module kinds of (k + d) * r (one shared W_e, W_d per kind) plus L * r^2 (one M per
-adapted layer); LoRA trains sum over adapted layers of (k + d) * r. With modules_to_save, PEFT also trains a full
-copy of each named module, and counts it as print_trainable_parameters does: the copy among the trainable and all
-parameters, the frozen original among all parameters.
+adapted layer); LoRA trains sum over adapted layers of (k + d) * r; a hybrid (DenseLoraConfig.lora_modules) trains
+LoRA's count over the layers lora_modules names plus DenseLoRA's over the rest. With modules_to_save, PEFT also trains
+a full copy of each named module, and counts it as print_trainable_parameters does: the copy among the trainable and
+all parameters, the frozen original among all parameters.
 """
 
 from __future__ import annotations
@@ -112,7 +113,12 @@ def predict_trainable(config: PeftConfig, shapes: Iterable[LayerShape], saved: i
     """The formula's trainable count for `config` on the adapted layers `shapes`, plus `saved`: the size of the
     modules its modules_to_save names (`saved_module_parameters(model, config)`), which PEFT trains as full copies."""
     if config.peft_type == DENSELORA:
-        adapter = denselora_trainable(shapes, config.r, config.variant, config.share_scope)
+        shapes = list(shapes)
+        lora = [shape for shape in shapes if config.adapts_with_lora(shape.key)]
+        dense = [shape for shape in shapes if not config.adapts_with_lora(shape.key)]
+        adapter = lora_trainable(lora, config.r) + denselora_trainable(
+            dense, config.r, config.variant, config.share_scope
+        )
     elif config.peft_type == PeftType.LORA and not config.rank_pattern:
         adapter = lora_trainable(shapes, config.r, dora=config.use_dora)
     else:

@@ -6,6 +6,7 @@
 
 The trainable-parameter column is the paper's point: compare accuracy per trained parameter, not accuracy alone.
 AdaLoRA starts at rank 1.5 r and prunes to an average of r (densemod.build_peft_config says how each knob maps).
+hybrid is the paper's Table 8: LoRA on q, k, v and DenseLoRA on up, down (--set lora_targets=... moves the line).
 """
 
 import sys
@@ -14,7 +15,7 @@ from densetune.experiment import Study, main
 
 STUDY = Study(
     name="method_comparison",
-    space={"method": ["denselora", "lora", "dora", "vera", "lokr", "adalora"]},
+    space={"method": ["denselora", "lora", "dora", "vera", "lokr", "adalora", "hybrid"]},
     columns=("trainable_params", "trainable_pct"),
 )
 

@@ -58,8 +58,10 @@ def test_every_trial_setting_has_a_flag_with_help_and_its_default(trial_help):
 
 
 def test_the_fixed_sets_name_their_values(trial_help):
-    assert "(one of: denselora, lora, dora, vera, lokr, adalora; default: denselora)" in trial_help["--method"]
+    assert "(one of: denselora, lora, dora, vera, lokr, adalora, hybrid; default: denselora)" in trial_help["--method"]
     assert "(one of: denselora, freeze, only_matrix; default: denselora)" in trial_help["--variant"]
+    assert "(one of: kind, layer; default: kind)" in trial_help["--share-scope"]
+    assert "(default: the attention projections among the targets" in trial_help["--lora-targets"]
     assert "(one of: label, text; default: label)" in trial_help["--protocol"]
     assert "(one of: generate, loglik; default: generate)" in trial_help["--eval-mode"]
     assert "(one of: auto, float32, bfloat16; default: auto)" in trial_help["--dtype"]
@@ -70,6 +72,8 @@ def test_the_fixed_sets_name_their_values(trial_help):
 def test_the_copies_of_densemods_names_are_densemods():
     assert config.METHODS == densemod.METHODS
     assert config.VARIANTS == densemod.VARIANTS
+    assert config.SHARE_SCOPES == densemod.SHARE_SCOPES
+    assert config.DENSELORA_METHODS == densemod.methods.DENSELORA_METHODS
     assert config.TARGET_SET_NAMES == tuple(densemod.TARGET_SETS)
     assert config.TARGET_KINDS == tuple(densemod.methods.TARGET_ALIASES)
 

@@ -11,6 +11,7 @@ from conftest import input_ids, make_tiny_llama  # noqa: F401
 EXPECTED_CLASS = {
     "denselora": densemod.DenseLoraConfig, "lora": peft.LoraConfig, "dora": peft.LoraConfig,
     "vera": peft.VeraConfig, "lokr": peft.LoKrConfig, "adalora": peft.AdaLoraConfig,
+    "hybrid": densemod.DenseLoraConfig,
 }
 
 

@@ -94,4 +94,5 @@ def test_a_trial_whose_node_is_lost_goes_on_from_its_checkpoint_on_another_node(
     assert child.data.tags["ray.node_id"] == next(n.node_id for n in workers if n.node_id != lost["node"])
     assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == list(range(1, 41))
     summary = json.loads(Path(client.download_artifacts(child.info.run_id, "summary.json", str(tmp_path))).read_text())
-    assert summary["resumed_from_step"] is not None and summary["resumed_from_step"] >= 10
+    # the node went while step 10's checkpoint was being written: it went on from that one or from step 5's
+    assert summary["resumed_from_step"] in (5, 10)

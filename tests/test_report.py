@@ -208,7 +208,7 @@ def test_before_after_verdicts_follow_holm(written):
 def test_absent_dimensions_give_notes(written):
     text = written.read_text()
     assert "`rank.png`: not drawn" in text and "`data_fraction.png`: not drawn" in text
-    assert "targets takes fewer than 2 values" in text and "variant takes fewer than 2 values" in text
+    assert "targets takes fewer than 2 values" in text and "variant and share_scope take fewer than 2 values" in text
     assert not (written.parent / "rank.png").exists()
     assert "increment heat maps: not drawn, no finished trial logged `snapshots.safetensors`" in text
     assert "![" in text and "(pareto.png)" in text and "(loss.png)" in text
@@ -271,3 +271,16 @@ def test_a_variant_searched_as_a_method_is_its_own_configuration():
     plain = pd.Series({"method": "denselora", "variant": "denselora", "rank": 8, "seed": 1})
     assert report.configuration(freeze, ["method", "rank"]) == "method=denselora/freeze rank=8"
     assert report.configuration(plain, ["method", "rank"]) == "method=denselora rank=8"
+
+
+@pytest.mark.parametrize(
+    ("settings", "label"),
+    [
+        (dict(method="denselora", variant="denselora", share_scope="layer"), "denselora/unshared"),
+        (dict(method="hybrid", variant="only_matrix", share_scope="layer"), "hybrid/only_matrix/unshared"),
+        (dict(method="hybrid", variant="denselora", share_scope="kind"), "hybrid"),
+        (dict(method="lora", variant="denselora"), "lora"),  # a store of the days before share_scope
+    ],
+)
+def test_denselora_without_sharing_is_its_own_method(settings, label):
+    assert report.method_label(pd.Series(settings)) == label

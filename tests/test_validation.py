@@ -52,13 +52,20 @@ def test_unknown_share_scope():
 
 
 def test_unknown_method_names_the_allowed_ones():
-    with pytest.raises(ValueError, match=r"^method must be one of 'denselora', 'lora', 'dora', 'vera', 'lokr', 'adalora'; got 'qlora'$"):
+    with pytest.raises(ValueError, match=r"^method must be one of 'denselora', 'lora', 'dora', 'vera', 'lokr', 'adalora', 'hybrid'; got 'qlora'$"):
         densemod.build_peft_config("qlora", 8)
 
 
-def test_variant_belongs_to_denselora_only():
-    with pytest.raises(ValueError, match=r"variant 'freeze' applies to method 'denselora' only; got method 'lora'"):
-        densemod.build_peft_config("lora", 8, variant="freeze")
+@pytest.mark.parametrize("setting", [dict(variant="freeze"), dict(share_scope="layer")])
+def test_variant_and_share_scope_belong_to_the_denselora_methods(setting):
+    ((name, value),) = setting.items()
+    with pytest.raises(ValueError, match=rf"^{name} '{value}' applies to methods 'denselora' and 'hybrid' only; got method 'lora'$"):
+        densemod.build_peft_config("lora", 8, **setting)
+
+
+def test_unknown_share_scope_names_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"^share_scope must be one of 'kind', 'layer'; got 'model'$"):
+        densemod.build_peft_config("denselora", 8, share_scope="model")
 
 
 def test_adalora_needs_its_step_budget():

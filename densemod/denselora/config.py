@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from peft import LoraConfig
 from peft.config import PeftConfig
 
 from .card import name_in_model_card
@@ -64,6 +65,22 @@ def check_layer_selection(target_modules: object, layers_to_transform: object, l
         raise ValueError("layers_pattern needs layers_to_transform: say which layer indexes to adapt")
 
 
+def check_lora_modules(lora_modules: object) -> None:
+    if lora_modules is None:
+        return
+    names = lora_modules if isinstance(lora_modules, (list, tuple, set)) else ()
+    if not names or not all(isinstance(name, str) and name for name in names):
+        raise ValueError(
+            "lora_modules must be None or a non-empty list of module names, some of target_modules; "
+            f"got {lora_modules!r}"
+        )
+
+
+def matches_name(key: str, name: str) -> bool:
+    """PEFT's rule for a name in a list of target modules: the module's key is the name or ends in '.' + name."""
+    return key == name or key.endswith(f".{name}")
+
+
 @dataclass
 class DenseLoraConfig(PeftConfig):
     """DenseLoRA: y = W0 h + (alpha / r) * drop(act(W_d M drop(act(W_e drop(h))))).
@@ -83,6 +100,12 @@ class DenseLoraConfig(PeftConfig):
             own W_e, W_d: the ablation without sharing).
         init_weights: True starts W_d at zero (variant "freeze": M at zero) so that the adapter is a no-op at first;
             False initialises every matrix randomly, which tests use to get a non-trivial adapter.
+        lora_modules: names of some of the targets (matched as name suffixes) that plain LoRA adapts instead, at the
+            same r, alpha and dropout: the paper's hybrid (Table 8: LoRA on q, k, v, DenseLoRA on up, down is
+            target_modules=[q, k, v, up, down], lora_modules=[q, k, v]). As IA3Config's feedforward_modules,
+            they are a subset of target_modules, so target_modules always names everything the adapter adapts.
+            The LoRA layers are PEFT's own, saved, loaded and disabled with the DenseLoRA layers as one adapter
+            (and merged with them, as variant "only_matrix" allows).
 
     The generic PEFT fields mean what they mean for LoraConfig: exclude_modules, layers_to_transform and
     layers_pattern narrow the targets; modules_to_save trains a full copy of each named module (a classifier head,
@@ -119,6 +142,9 @@ class DenseLoraConfig(PeftConfig):
     layers_pattern: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Name of the nn.ModuleList holding the layers, with layers_to_transform."}
     )
+    lora_modules: Optional[list[str]] = field(
+        default=None, metadata={"help": "Some of target_modules (names) that plain LoRA adapts instead (a hybrid)."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -132,10 +158,10 @@ class DenseLoraConfig(PeftConfig):
         check_choice("share_scope", self.share_scope, SHARE_SCOPES)
         check_bias(self.bias)
         check_layer_selection(self.target_modules, self.layers_to_transform, self.layers_pattern)
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
+        check_lora_modules(self.lora_modules)
+        for name in ("target_modules", "exclude_modules", "lora_modules"):
+            if isinstance(getattr(self, name), list):
+                setattr(self, name, set(getattr(self, name)))
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Write adapter_config.json and name DenseLoRA in the model card beside it.
@@ -157,3 +183,14 @@ class DenseLoraConfig(PeftConfig):
     @property
     def trains_projections(self) -> bool:
         return self.variant != "freeze"
+
+    def adapts_with_lora(self, key: str) -> bool:
+        """Whether the targeted layer at `key` gets plain LoRA (named by lora_modules) rather than DenseLoRA."""
+        return any(matches_name(key, name) for name in self.lora_modules or ())
+
+    def lora_config(self) -> LoraConfig:
+        """The LoraConfig of the layers that lora_modules names: this adapter's r, alpha, dropout and layout."""
+        return LoraConfig(
+            r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout, fan_in_fan_out=self.fan_in_fan_out,
+            init_lora_weights=self.init_weights, inference_mode=self.inference_mode,
+        )

@@ -1,4 +1,14 @@
-"""The DenseLoRA tuner: injects DenseLoRA layers and holds the shared encoders and decoders once."""
+"""The DenseLoRA tuner: injects DenseLoRA layers (and, for a hybrid, PEFT's LoRA layers on the kinds lora_modules
+names) and holds the shared encoders and decoders once.
+
+Why a hybrid lives in this tuner (checked against peft 0.21.2): PeftModel.add_adapter refuses adapters of a second
+PEFT type ("Cannot combine adapters with different peft types"), and PeftMixedModel admits only the types of its closed
+COMPATIBLE_TUNER_TYPES, dispatches layer creation on a hard-coded list of config classes, has no tuner of DenseLoRA's
+to hold the shared W_e, W_d, and refuses save_pretrained. Here LoRA's layers are PEFT's own lora.Linear, built from a
+LoraConfig; PEFT saves, loads, casts, disables and trains a tuner's layers by visiting them, whatever their class, so
+one DENSELORA adapter holding both kinds keeps get_peft_model, save_pretrained, PeftModel.from_pretrained and
+disable_adapter as they are.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +24,12 @@ from peft.config import PeftConfig
 from peft.tuners.tuners_utils import (
     BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers, check_target_module_exists,
 )
+from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora import LoraLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers.pytorch_utils import Conv1D
 
-from .config import DenseLoraConfig
+from .config import DenseLoraConfig, matches_name
 from .layer import DenseLoraLayer, Linear, SharedProjections, kaiming_uniform_, linear_sizes, merge_error
 
 # The paper adapts q, k, v, up and down; for LLaMA-style families that is the default when no targets are given.
@@ -44,7 +56,9 @@ class DenseLoraModel(BaseTuner):
 
     uses_shared_state: bool = True
     prefix: str = "denselora_"
-    tuner_layer_cls = DenseLoraLayer
+    # A hybrid's LoRA layers are this tuner's layers too: PEFT uses tuner_layer_cls only in isinstance checks
+    # (set_adapter, delete_adapter, freezing), which take a tuple.
+    tuner_layer_cls = (DenseLoraLayer, LoraLayer)
     target_module_mapping = TARGET_MODULES_MAPPING
 
     def _pre_injection_hook(self, model: nn.Module, config: DenseLoraConfig, adapter_name: str) -> None:
@@ -60,6 +74,7 @@ class DenseLoraModel(BaseTuner):
     def _prepare_model(self, peft_config: DenseLoraConfig, model: nn.Module) -> None:
         # Runs before any module is replaced: a bad target fails here with the model untouched.
         check_targets(peft_config, model)
+        check_lora_targets(peft_config, model)
         check_kind_shapes(peft_config, model)
         super()._prepare_model(peft_config, model)
 
@@ -67,22 +82,52 @@ class DenseLoraModel(BaseTuner):
         self, config: DenseLoraConfig, adapter_name: str, target: nn.Module, target_name: str,
         parent: nn.Module, current_key: str, **kwargs: Any,
     ) -> None:
-        base = target.get_base_layer() if isinstance(target, DenseLoraLayer) else target
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if linear_sizes(base) is None:
             raise TypeError(
                 f"DenseLoRA adapts nn.Linear (or Conv1D) layers only; target {current_key!r} is a {type(base).__name__}"
             )
         fit_fan_in_fan_out(config, current_key, base)
+        lora = config.adapts_with_lora(current_key)
+        # Each layer class hosts adapters of its own kind only: a layer adapted by one kind cannot take the other.
+        if isinstance(target, BaseTunerLayer) and not isinstance(target, LoraLayer if lora else DenseLoraLayer):
+            wanted, held = ("LoRA", "DenseLoRA") if lora else ("DenseLoRA", "LoRA")
+            raise ValueError(
+                f"layer {current_key!r} holds {held} adapters {sorted(target.r)}; adapter {adapter_name!r} cannot "
+                f"put {wanted} on it: a layer holds adapters of one kind"
+            )
+        if lora:
+            layer = self._lora_layer(config, adapter_name, target)
+        else:
+            layer = self._denselora_layer(config, adapter_name, target, current_key, base)
+        if layer is target:  # an adapted layer took the adapter in place
+            return
+        if adapter_name not in self.active_adapters:
+            layer.requires_grad_(False)
+        self._replace_module(parent, target_name, layer, target)
+
+    def _denselora_layer(
+        self, config: DenseLoraConfig, adapter_name: str, target: nn.Module, current_key: str, base: nn.Module
+    ) -> nn.Module:
         kind = module_kind(current_key)
         share_key = kind if config.share_scope == "kind" else current_key.replace(".", "__")
         self._ensure_shared(config, adapter_name, share_key, kind, base)
         if isinstance(target, DenseLoraLayer):
             target.update_layer(adapter_name, share_key, config)
-            return
-        new_module = Linear(target, self.shared, adapter_name, share_key, config)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+            return target
+        return Linear(target, self.shared, adapter_name, share_key, config)
+
+    @staticmethod
+    def _lora_layer(config: DenseLoraConfig, adapter_name: str, target: nn.Module) -> nn.Module:
+        """A layer that lora_modules names gets PEFT's own LoRA layer, as LoraModel builds it for a linear layer."""
+        lora_config = config.lora_config()
+        if isinstance(target, LoraLayer):
+            target.update_layer(adapter_name, config.r, lora_alpha=config.lora_alpha, config=lora_config)
+            return target
+        return LoraLinear(
+            target, adapter_name, config=lora_config, r=config.r, lora_alpha=config.lora_alpha,
+            is_target_conv_1d_layer=isinstance(target, Conv1D),
+        )
 
     def _ensure_shared(
         self, config: DenseLoraConfig, adapter_name: str, share_key: str, kind: str, base: nn.Module
@@ -181,21 +226,28 @@ def fit_fan_in_fan_out(config: DenseLoraConfig, key: str, base: nn.Module) -> No
         config.fan_in_fan_out = fits
 
 
+def outer_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(key, module) of the model's modules, a layer adapted already by its base layer and nothing inside it (its
+    base_layer, LoRA's lora_A and lora_B)."""
+    modules, adapted = [], []
+    for key, module in model.named_modules():
+        if any(key.startswith(prefix) for prefix in adapted):
+            continue
+        if isinstance(module, BaseTunerLayer):
+            adapted.append(f"{key}.")
+            module = module.get_base_layer()
+        modules.append((key, module))
+    return modules
+
+
 def targeted_layers(model: nn.Module, config: PeftConfig) -> list[tuple[str, nn.Module]]:
     """(key, base layer) of every layer DenseLoRA can adapt that `config` targets, matched as PEFT matches them; a
     layer adapted already counts by its base layer, and nothing inside it is a target."""
     config = _maybe_include_all_linear_layers(copy.deepcopy(config), model)
-    layers, adapted = [], []
-    for key, module in model.named_modules():
-        if any(key.startswith(prefix) for prefix in adapted):
-            continue
-        base = module
-        if isinstance(module, BaseTunerLayer):
-            adapted.append(f"{key}.")
-            base = module.get_base_layer()
-        if linear_sizes(base) is not None and check_target_module_exists(config, key):
-            layers.append((key, base))
-    return layers
+    return [
+        (key, base) for key, base in outer_modules(model)
+        if linear_sizes(base) is not None and check_target_module_exists(config, key)
+    ]
 
 
 def check_kind_shapes(config: DenseLoraConfig, model: nn.Module) -> None:
@@ -204,6 +256,8 @@ def check_kind_shapes(config: DenseLoraConfig, model: nn.Module) -> None:
         return
     first_sizes: dict[str, tuple[int, int]] = {}
     for key, base in targeted_layers(model, config):
+        if config.adapts_with_lora(key):
+            continue
         kind, (k, d) = module_kind(key), linear_sizes(base)
         have_k, have_d = first_sizes.setdefault(kind, (k, d))
         if (have_k, have_d) != (k, d):
@@ -218,8 +272,8 @@ def check_targets(config: DenseLoraConfig, model: nn.Module) -> None:
     targets = config.target_modules
     if targets is None or targets == "all-linear":
         return
-    modules = [(key, m) for key, m in model.named_modules() if key and not key.endswith(".base_layer")]
-    linear_names = sorted({module_kind(key) for key, m in modules if _adaptable(m)})
+    modules = [(key, m) for key, m in outer_modules(model) if key]
+    linear_names = sorted({module_kind(key) for key, m in modules if linear_sizes(m) is not None})
     if isinstance(targets, str):
         matches = {targets: [(key, m) for key, m in modules if re.fullmatch(targets, key)]}
     else:
@@ -233,12 +287,28 @@ def check_targets(config: DenseLoraConfig, model: nn.Module) -> None:
                 f"target module {name!r} matches no module of the model; its linear modules are named {linear_names}"
             )
         for key, module in matched:
-            if not _adaptable(module):
+            if linear_sizes(module) is None:
                 raise ValueError(
                     f"target module {name!r} matches {key!r}, a {type(module).__name__}; DenseLoRA adapts nn.Linear "
                     f"layers only (or GPT-2's Conv1D), named {linear_names}"
                 )
 
 
-def _adaptable(module: nn.Module) -> bool:
-    return isinstance(module, DenseLoraLayer) or linear_sizes(module) is not None
+def check_lora_targets(config: DenseLoraConfig, model: nn.Module) -> None:
+    """Fail with one clear line unless every name in lora_modules names targeted layers and some target is left to
+    DenseLoRA (else the adapter is plain LoRA: use peft.LoraConfig)."""
+    if not config.lora_modules:
+        return
+    keys = [key for key, _ in targeted_layers(model, config)]
+    kinds = sorted({module_kind(key) for key in keys})
+    for name in sorted(config.lora_modules):
+        if not any(matches_name(key, name) for key in keys):
+            raise ValueError(
+                f"lora module {name!r} names none of the targeted layers; lora_modules must name some of the targets "
+                f"{kinds}"
+            )
+    if all(config.adapts_with_lora(key) for key in keys):
+        raise ValueError(
+            f"lora_modules {sorted(config.lora_modules)} cover every target {kinds}, leaving DenseLoRA none; "
+            "leave it some, or use peft.LoraConfig"
+        )

@@ -19,14 +19,18 @@ if TYPE_CHECKING:
 EVAL_MODES = ("generate", "loglik")
 PROTOCOLS = ("label", "text")
 DTYPES = ("auto", "float32", "bfloat16")
-# densemod's names (densemod.METHODS, densemod.VARIANTS, the keys of densemod.TARGET_SETS and of its target aliases),
-# copied because `import densemod` imports torch and PEFT, which --help must not wait for; tests/test_cli.py checks
-# that the copies equal the originals.
-METHODS = ("denselora", "lora", "dora", "vera", "lokr", "adalora")
+# densemod's names (densemod.METHODS, DENSELORA_METHODS, VARIANTS and SHARE_SCOPES, the keys of densemod.TARGET_SETS
+# and of its target aliases), copied because `import densemod` imports torch and PEFT, which --help must not wait for;
+# tests/test_cli.py checks that the copies equal the originals.
+METHODS = ("denselora", "lora", "dora", "vera", "lokr", "adalora", "hybrid")
 VARIANTS = ("denselora", "freeze", "only_matrix")
+SHARE_SCOPES = ("kind", "layer")
+DENSELORA_METHODS = ("denselora", "hybrid")
 TARGET_SET_NAMES = ("qkv", "ud", "qkvud", "qkvo", "qkvoud", "all-linear")
 TARGET_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
-SEARCHABLE = ("rank", "targets", "data_fraction", "method", "variant", "protocol", "lr", "alpha", "dropout", "seed")
+SEARCHABLE = (
+    "rank", "targets", "data_fraction", "method", "variant", "share_scope", "protocol", "lr", "alpha", "dropout", "seed",
+)
 SEARCHES = ("grid", "random", "optuna")
 SCHEDULERS = ("fifo", "asha")
 # The metric a trial reports, with the step, when its loss stops being finite: it ends there (train.diverged).
@@ -49,10 +53,21 @@ class TrialConfig:
         "smollm2-135m", "the base model: smollm2-135m (the pretrained SmolLM2-135M-Instruct), tiny-llama (random, for "
         "tests), a Hugging Face id or a local folder",
     )
-    method: str = setting("denselora", "the adapter: DenseLoRA or a PEFT baseline", METHODS)
+    method: str = setting(
+        "denselora", "the adapter: DenseLoRA or a PEFT baseline; hybrid: LoRA on lora_targets, DenseLoRA on the other "
+        "targets (the paper's Table 8 on the default targets)", METHODS,
+    )
     variant: str = setting(
-        "denselora", "DenseLoRA's variant (method denselora only): freeze trains M alone; only_matrix has no "
+        "denselora", "DenseLoRA's variant (methods denselora, hybrid): freeze trains M alone; only_matrix has no "
         "activations, so it merges", VARIANTS,
+    )
+    share_scope: str = setting(
+        "kind", "what shares one W_e, W_d (methods denselora, hybrid): kind, every layer of a module kind (the paper); "
+        "layer, none (the ablation without sharing)", SHARE_SCOPES,
+    )
+    lora_targets: Optional[str] = setting(
+        None, "method hybrid: the targets that LoRA adapts, named as targets are", unset="the attention projections "
+        "among the targets (q, k, v of the default targets)",
     )
     rank: int = setting(32, "the adapter's rank r")
     alpha: Optional[float] = setting(None, "the scaling numerator: the update is scaled by alpha / r", unset="2 x rank")
@@ -139,7 +154,8 @@ class TrialConfig:
         import densemod
 
         return densemod.build_peft_config(
-            self.method, self.rank, self.alpha, self.dropout, self.targets, self.variant, total_steps=total_steps
+            self.method, self.rank, self.alpha, self.dropout, self.targets, self.variant, total_steps=total_steps,
+            lora_targets=self.lora_targets, share_scope=self.share_scope,
         )
 
     def to_json(self) -> str:

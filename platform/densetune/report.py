@@ -26,6 +26,7 @@ from matplotlib.figure import Figure  # not pyplot: no display backend on the ma
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Run
 
+from .config import DENSELORA_METHODS
 from .stats import McNemar, holm, majority_baseline, mcnemar, mean_interval
 from .tracking import DEVICE_SECONDS, PREDICTIONS, ROLE, SNAPSHOTS, SWEEP, experiment_ids, store_uri, sweep_runs
 
@@ -35,7 +36,7 @@ ALPHA = 0.05  # a difference is called one where the Holm-adjusted p is below th
 FAMILIES = ("accuracy", "accuracy_norm")  # accuracy_norm: the text protocol's length-normalised pick
 NO_DIFFERENCE = "no difference shown"
 # Columns every trial row has, as nan where the store lacks them (a trial that failed before its first report)
-TRIAL_COLUMNS = ("seed", "method", "variant", "protocol", "trainable_params", "trainable_pct", "loss", "wall_time_s")
+TRIAL_COLUMNS = ("seed", "method", "variant", "share_scope", "protocol", "trainable_params", "trainable_pct", "loss", "wall_time_s")
 PAIR_COLUMNS = ("trial_a", "trial_b", "configuration_a", "configuration_b", "seed_a", "seed_b", "same_seed",
                 "same_configuration")
 Key = tuple[str, int]  # a question: (benchmark, its index in the benchmark's full test list)
@@ -165,9 +166,14 @@ def configuration(trial: pd.Series, keys: Sequence[str]) -> str:
 
 
 def method_label(trial: pd.Series) -> str:
-    """The method, a DenseLoRA variant counting as a method of its own (denselora/freeze)."""
-    method, variant = trial.get("method", "?"), trial.get("variant", "denselora")
-    return f"{method}/{variant}" if method == "denselora" and variant != "denselora" else str(method)
+    """The method, a DenseLoRA variant and DenseLoRA without sharing counting as methods of their own
+    (denselora/freeze, denselora/unshared, hybrid/only_matrix/unshared)."""
+    method = str(trial.get("method", "?"))
+    if method not in DENSELORA_METHODS:
+        return method
+    variant = trial.get("variant", "denselora")
+    unshared = trial.get("share_scope") == "layer"
+    return "/".join([method, *([variant] if variant != "denselora" else []), *(["unshared"] if unshared else [])])
 
 
 def evaluations(client: MlflowClient, trials: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
@@ -479,16 +485,18 @@ def dimension_table(finished: pd.DataFrame, keys: list[str], metric: str) -> lis
 
 
 def dimension_sections(record: SweepRecord) -> tuple[list[str], list[str]]:
-    """The paper's Tables 3 (targets) and 4 (variant), where the finished trials vary them; and the notes."""
+    """The paper's Tables 3 (targets) and 4 (variants, with sharing off beside them), where the finished trials vary
+    them; and the notes."""
     finished, metric = record.finished, f"accuracy/{AVERAGE}"
     lines, notes = [], []
     variants = finished[finished["method"] == "denselora"] if "method" in finished else finished.iloc[:0]
-    for title, trials, dimension, keys in (
-        ("Target modules (the paper's Table 3)", finished, "targets", ["label", "targets"]),
-        ("DenseLoRA variants (the paper's Table 4)", variants, "variant", ["variant"]),
+    for title, trials, dimension, keys, what in (
+        ("Target modules (the paper's Table 3)", finished, "targets", ["label", "targets"], "targets takes"),
+        # the label tells the variant and whether W_e, W_d are shared
+        ("DenseLoRA variants and sharing (the paper's Table 4)", variants, "label", ["label"], "variant and share_scope take"),
     ):
         if distinct(trials, dimension) < 2:
-            notes.append(f"- {title}: left out, {dimension} takes fewer than 2 values among the finished trials.")
+            notes.append(f"- {title}: left out, {what} fewer than 2 values among the finished trials.")
         else:
             lines += [f"## {title}", "", *dimension_table(trials, keys, metric), ""]
     return lines, notes

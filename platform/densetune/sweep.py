@@ -154,9 +154,10 @@ def check_space(sweep: SweepConfig) -> None:
         try:
             check_config(config)
             # The adapter against the model's architecture, once per kind of adapter (it builds the model on meta).
-            if (config.method, config.variant, config.targets) not in adapters:
+            adapter = config.peft_config(total_steps=2).to_dict()
+            if repr(adapter) not in adapters:
                 check_adapter_fits(config)
-                adapters.add((config.method, config.variant, config.targets))
+                adapters.add(repr(adapter))
         except ValueError as error:
             where = settings_label(point)
             raise ValueError(f"the trial {where}: {error}") from None
