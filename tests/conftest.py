@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import ray
@@ -71,3 +72,8 @@ def train_step(model: torch.nn.Module, input_ids: torch.Tensor, lr: float = 1e-2
     model(input_ids=input_ids, labels=input_ids).loss.backward()
     optimizer.step()
     model.eval()
+
+
+def checkpoint_steps(folder: Path) -> list[int]:
+    """The steps of the trial checkpoints (checkpoint_000010, ...) begun so far anywhere under `folder`."""
+    return sorted(int(path.name.removeprefix("checkpoint_")) for path in folder.glob("**/checkpoint_[0-9]*") if path.is_dir())
