@@ -167,3 +167,25 @@ def test_the_store_a_command_names_comes_first_then_the_environment(monkeypatch)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert store_uri() == "http://127.0.0.1:5000"
     assert store_uri("sqlite:///elsewhere.db") == "sqlite:///elsewhere.db"
+
+
+def test_both_clis_print_a_warning_as_one_line():
+    import subprocess
+    import sys
+
+    # as the CLIs' main() sets the process up, in a process of its own (pytest records warnings instead of printing)
+    code = """
+import peft, densemod
+from transformers import LlamaConfig, LlamaForCausalLM
+from densetune.trial import as_a_command
+as_a_command()
+model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=2, vocab_size=32))
+peft.get_peft_model(model, densemod.DenseLoraConfig(r=32, target_modules=["q_proj"]))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert (
+        "warning: DenseLoRA r=32 is larger than the input or output size of module kind 'q_proj' (in 16, out 16): "
+        "its update cannot have rank above 16"
+    ) in done.stderr.splitlines()
+    assert "warnings.warn(" not in done.stderr and "model.py" not in done.stderr

@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from .config import DIVERGED, settings_label
 
-PLAIN_EVERY_S = 15.0
-ENDED = ("TERMINATED", "ERROR")  # Tune's statuses of a trial that will not run again  # how often a progress line is printed when the output is not a terminal
+PLAIN_EVERY_S = 15.0  # how often a progress line is printed when the output is not a terminal
+ENDED = ("TERMINATED", "ERROR")  # Tune's statuses of a trial that will not run again
 
 
 class Console:

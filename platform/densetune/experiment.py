@@ -207,9 +207,9 @@ def main(study: Study, description: str, argv: Optional[list[str]] = None) -> in
     from .summary import to_text
     from .sweep import dry_run, run_sweep
     from .tracking import ui_command
-    from .trial import stop_on_sigterm
+    from .trial import as_a_command
 
-    stop_on_sigterm()
+    as_a_command()
     try:
         sweep = sweep_config(study, args)
         if args.dry_run:

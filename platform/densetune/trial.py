@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -307,19 +308,26 @@ def parse_args(argv: Optional[list[str]] = None) -> TrialConfig:
     return TrialConfig(**vars(parser().parse_args(argv)))
 
 
-def stop_on_sigterm() -> None:
-    """Treat SIGTERM (kill, a scheduler's cancel) as Ctrl-C, so that the Ray this process started is shut down and no
-    MLflow run is left RUNNING; Python's default would end the process without either."""
+def warning_line(message: Warning | str, category: type[Warning], *location: Any, **_: Any) -> str:
+    """A warning as the CLIs print it: one line, without the file, line number and source line that Python adds."""
+    return f"warning: {message}\n"
+
+
+def as_a_command() -> None:
+    """Set this process up as a CLI: warnings print as one line each, and SIGTERM (kill, a
+    scheduler's cancel) acts as Ctrl-C, so that the Ray this process started is shut down and no MLflow run is left
+    RUNNING; Python's default would end the process without either."""
 
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
+    warnings.formatwarning = warning_line
     signal.signal(signal.SIGTERM, interrupt)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     config = parse_args(argv)
-    stop_on_sigterm()
+    as_a_command()
     try:
         result = run_trial(config)
     except ValueError as error:
