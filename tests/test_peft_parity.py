@@ -4,10 +4,13 @@ several adapters, set_adapter, set_requires_grad, disable_adapter, peft_type, th
 
 import copy
 import json
+import os
 import pickle
 import subprocess
 import sys
 import warnings
+import zipfile
+from pathlib import Path
 
 import peft
 import pytest
@@ -21,6 +24,7 @@ import densemod
 from conftest import PAPER_TARGETS, TINY, input_ids, logits, make_tiny_llama, train_step  # noqa: F401
 from densemod.denselora.card import CARD_LINE
 
+ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("lora", "denselora")
 VOCAB_BY_HIDDEN = TINY["vocab_size"] * TINY["hidden_size"]  # the size of the tiny model's lm_head and embed_tokens
 # Parameters and saved keys of the adapters themselves are named so; everything else is PEFT's generic machinery.
@@ -313,30 +317,44 @@ def test_model_card_names_denselora(tmp_path):
 CHILD = """
 import json, sys, traceback
 import peft, transformers
+print("densemod imported with peft:", "densemod" in sys.modules)
 folder = sys.argv[1]
 base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**json.loads(sys.argv[2])))
-for load in (lambda: peft.PeftConfig.from_pretrained(folder), lambda: peft.PeftModel.from_pretrained(base, folder)):
+for load in (lambda: peft.PeftConfig.from_pretrained(folder), lambda: peft.PeftModel.from_pretrained(base, folder).base_model):
     try:
-        load()
+        print(type(load()).__name__)
     except Exception as exc:
         print(traceback.format_exception_only(exc)[-1].strip())
-print("densemod imported:", "densemod" in sys.modules)
-import densemod
-print(type(peft.PeftModel.from_pretrained(base, folder).base_model).__name__)
 """
 
 
-def test_loading_without_densemod_fails_in_peft_and_the_card_says_what_to_do(tmp_path):
+@pytest.mark.parametrize(
+    "autoload, printed",
+    [
+        ("1", ["densemod imported with peft: True", "DenseLoraConfig", "DenseLoraModel"]),
+        # PEFT 0.21.2 looks the type up in its own dict; without densemod imported, this is all it says
+        ("0", ["densemod imported with peft: False", "KeyError: 'DENSELORA'", "KeyError: 'DENSELORA'"]),
+    ],
+)
+def test_an_installed_densemod_loads_its_adapters_without_import_densemod(autoload, printed, tmp_path):
     peft.get_peft_model(make_tiny_llama(), config("denselora")).save_pretrained(tmp_path)
     child = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tmp_path), json.dumps(TINY)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", CHILD, str(tmp_path), json.dumps(TINY)], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "DENSEMOD_AUTOLOAD": autoload},
     )
     assert child.returncode == 0, child.stderr
-    # PEFT 0.21.2 looks the type up in its own dict before any code of densemod's can run: no plug-in hook exists.
-    assert child.stdout.splitlines() == [
-        "KeyError: 'DENSELORA'", "KeyError: 'DENSELORA'", "densemod imported: False", "DenseLoraModel",
-    ]
+    assert child.stdout.splitlines() == printed
     assert "`import densemod`" in (tmp_path / "README.md").read_text()
+
+
+def test_the_wheel_carries_the_line_that_imports_densemod_with_peft(tmp_path):
+    build = "import sys; from setuptools import build_meta; print(build_meta.build_wheel(sys.argv[1]))"
+    built = subprocess.run([sys.executable, "-c", build, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300, check=True)
+    wheel = zipfile.ZipFile(tmp_path / built.stdout.splitlines()[-1])
+    # beside the two packages, at the top of site-packages once installed
+    assert sorted(name for name in wheel.namelist() if "/" not in name) == ["densemod-autoload.pth", "densemod_autoload.py"]
+    assert wheel.read("densemod-autoload.pth") == b"import densemod_autoload; densemod_autoload.install()\n"
 
 
 @pytest.mark.parametrize("method", METHODS)

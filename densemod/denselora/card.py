@@ -8,11 +8,14 @@ from typing import Union
 from huggingface_hub import ModelCard
 
 CARD_TAGS = ("denselora", "densemod")
-# PEFT cannot find DenseLoRA unless densemod is imported, and then says only KeyError: 'DENSELORA'; the card is the
-# one place beside the weights where a reader learns what to do.
+# PEFT cannot find DenseLoRA unless densemod is imported, and then says only KeyError: 'DENSELORA'; an installed
+# densemod is imported with PEFT (densemod_autoload), but the card is the one place beside the weights where a reader
+# learns what the adapter needs.
 CARD_LINE = (
-    "A DenseLoRA (Mu et al., ACL 2025) adapter, made with the densemod library. Load it with `import densemod` "
-    "before `peft.PeftModel.from_pretrained`: without it PEFT stops with `KeyError: 'DENSELORA'`."
+    "A DenseLoRA (Mu et al., ACL 2025) adapter, made with the densemod library. Loading it needs densemod installed "
+    "(`pip install densemod`), which registers DenseLoRA with PEFT as PEFT is imported; where that is turned off "
+    "(DENSEMOD_AUTOLOAD=0), `import densemod` before `peft.PeftModel.from_pretrained`, or PEFT stops with "
+    "`KeyError: 'DENSELORA'`."
 )
 
 

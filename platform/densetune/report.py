@@ -764,6 +764,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--study", help="the MLflow experiment to look in (default: all)")
     p.add_argument("--out", help="the folder to write into (default: the sweep's folder)")
     args = p.parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar for every file it downloads
     uri = store_uri(args.tracking_uri)
     try:
         path = write_report(args.sweep, uri, args.study, args.out)
