@@ -77,3 +77,18 @@ def train_step(model: torch.nn.Module, input_ids: torch.Tensor, lr: float = 1e-2
 def checkpoint_steps(folder: Path) -> list[int]:
     """The steps of the trial checkpoints (checkpoint_000010, ...) begun so far anywhere under `folder`."""
     return sorted(int(path.name.removeprefix("checkpoint_")) for path in folder.glob("**/checkpoint_[0-9]*") if path.is_dir())
+
+
+def kill_and_wait(process: "psutil.Process", deadline_s: float = 30) -> None:
+    """SIGKILL a process and wait until it has stopped running (gone, or a zombie its parent has not reaped yet)."""
+    import time
+
+    import psutil
+
+    process.kill()
+    deadline = time.monotonic() + deadline_s
+    try:
+        while process.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.01)
+    except psutil.NoSuchProcess:
+        pass

@@ -14,7 +14,7 @@ import ray
 from mlflow import MlflowClient
 from ray.cluster_utils import Cluster
 
-from conftest import checkpoint_steps
+from conftest import checkpoint_steps, kill_and_wait
 from densetune.config import TrialConfig
 from densetune.experiment import LOCAL, SMOKE
 from densetune.sweep import SweepConfig, run_sweep
@@ -57,13 +57,13 @@ def test_concurrent_trials_land_on_different_nodes_and_are_all_tracked(three_nod
     assert sorted(nodes) == sorted(node.node_id for node in workers)
 
 
-def node_of_the_training_worker(workers: list) -> object:
-    """The worker node whose raylet started this test's Ray Train worker."""
+def training_worker(workers: list) -> tuple[object, psutil.Process]:
+    """This test's Ray Train worker process, and the worker node whose raylet started it."""
     for process in psutil.process_iter():
         try:
             if process.name().startswith("ray::RayTrainWor") or process.cmdline()[:1] == ["ray::RayTrainWorker"]:
                 parent = process.ppid()
-                return next(n for n in workers if parent in {p.process.pid for p in n.all_processes["raylet"]})
+                return next(n for n in workers if parent in {p.process.pid for p in n.all_processes["raylet"]}), process
         except (psutil.NoSuchProcess, StopIteration):
             pass
     raise AssertionError("no training worker was found on the worker nodes")
@@ -77,9 +77,12 @@ def test_a_trial_whose_node_is_lost_goes_on_from_its_checkpoint_on_another_node(
         deadline = time.monotonic() + deadline_s
         while time.monotonic() < deadline and not list(tmp_path.glob(f"**/{checkpoint}")):
             time.sleep(0.05)
-        node = node_of_the_training_worker(workers)
+        node, worker = training_worker(workers)
         lost["node"], lost["begun"] = node.node_id, checkpoint_steps(tmp_path)[-1]
-        cluster.remove_node(node, allow_graceful=False)  # its raylet and every process on it killed, as a lost machine
+        # A lost machine's processes all stop at once. remove_node kills the raylet only, and a worker it started can
+        # go on training (and checkpointing) for seconds before it notices: so the worker is killed first.
+        kill_and_wait(worker)
+        cluster.remove_node(node, allow_graceful=False)
         lost["written"] = checkpoint_steps(tmp_path)[-1]
 
     config = trial(tmp_path, max_steps=40, checkpoint_every=5, report_every=1, eval_at_start=False)
@@ -96,6 +99,6 @@ def test_a_trial_whose_node_is_lost_goes_on_from_its_checkpoint_on_another_node(
     assert child.data.tags["ray.node_id"] == next(n.node_id for n in workers if n.node_id != lost["node"])
     assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == list(range(1, 41))
     summary = json.loads(Path(client.download_artifacts(child.info.run_id, "summary.json", str(tmp_path))).read_text())
-    # training went on while the node was being removed: it resumed from the last checkpoint it had registered,
-    # the one before the newest folder when the kill began, or one written while it went
+    # it resumed from the last checkpoint registered: the one before the newest folder when the kill began, that one,
+    # or one written while the worker was being killed
     assert summary["resumed_from_step"] in range(lost["begun"] - 5, lost["written"] + 1, 5), lost
