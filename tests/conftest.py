@@ -1,6 +1,8 @@
 import os
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import ray
 import torch
@@ -79,12 +81,8 @@ def checkpoint_steps(folder: Path) -> list[int]:
     return sorted(int(path.name.removeprefix("checkpoint_")) for path in folder.glob("**/checkpoint_[0-9]*") if path.is_dir())
 
 
-def kill_and_wait(process: "psutil.Process", deadline_s: float = 30) -> None:
+def kill_and_wait(process: psutil.Process, deadline_s: float = 30) -> None:
     """SIGKILL a process and wait until it has stopped running (gone, or a zombie its parent has not reaped yet)."""
-    import time
-
-    import psutil
-
     process.kill()
     deadline = time.monotonic() + deadline_s
     try:

@@ -65,7 +65,6 @@ class DenseLoraModel(BaseTuner):
         # Runs once, before the first adapter; adapters added or loaded later put their entries in these.
         self.denselora_encoder = nn.ModuleDict()
         self.denselora_decoder = nn.ModuleDict()
-        self._warned_rank: set[tuple[str, str]] = set()
 
     @property
     def shared(self) -> SharedProjections:
@@ -76,6 +75,7 @@ class DenseLoraModel(BaseTuner):
         check_targets(peft_config, model)
         check_lora_targets(peft_config, model)
         check_kind_shapes(peft_config, model)
+        warn_of_capped_ranks(peft_config, model)
         super()._prepare_model(peft_config, model)
 
     def _create_and_replace(
@@ -109,9 +109,8 @@ class DenseLoraModel(BaseTuner):
     def _denselora_layer(
         self, config: DenseLoraConfig, adapter_name: str, target: nn.Module, current_key: str, base: nn.Module
     ) -> nn.Module:
-        kind = module_kind(current_key)
-        share_key = kind if config.share_scope == "kind" else current_key.replace(".", "__")
-        self._ensure_shared(config, adapter_name, share_key, kind, base)
+        share_key = module_kind(current_key) if config.share_scope == "kind" else current_key.replace(".", "__")
+        self._ensure_shared(config, adapter_name, share_key, base)
         if isinstance(target, DenseLoraLayer):
             target.update_layer(adapter_name, share_key, config)
             return target
@@ -129,9 +128,7 @@ class DenseLoraModel(BaseTuner):
             is_target_conv_1d_layer=isinstance(target, Conv1D),
         )
 
-    def _ensure_shared(
-        self, config: DenseLoraConfig, adapter_name: str, share_key: str, kind: str, base: nn.Module
-    ) -> None:
+    def _ensure_shared(self, config: DenseLoraConfig, adapter_name: str, share_key: str, base: nn.Module) -> None:
         """Create W_e (r x in) and W_d (out x r) for this adapter and share key, unless an earlier layer did.
 
         check_kind_shapes has made sure that all layers of one share key have the same shape.
@@ -143,12 +140,6 @@ class DenseLoraModel(BaseTuner):
         encoders, decoders = self.denselora_encoder[adapter_name], self.denselora_decoder[adapter_name]
         if share_key in encoders:
             return
-        if r > min(k, d) and (adapter_name, kind) not in self._warned_rank:
-            self._warned_rank.add((adapter_name, kind))
-            warnings.warn(
-                f"DenseLoRA r={r} is larger than the input or output size of module kind {kind!r} "
-                f"(in {k}, out {d}): its update cannot have rank above {min(k, d)}",
-            )
         w_e, w_d = torch.empty(r, k), torch.empty(d, r)
         kaiming_uniform_(w_e)
         # W_d starts at zero so the adapter starts as a no-op, except in "freeze", where W_d never trains and
@@ -265,6 +256,19 @@ def check_kind_shapes(config: DenseLoraConfig, model: nn.Module) -> None:
                 f"layers of kind {kind!r} differ in shape (in {have_k}, out {have_d} vs in {k}, out {d}), so "
                 "they cannot share one encoder and decoder; use share_scope='layer'"
             )
+
+
+def warn_of_capped_ranks(config: DenseLoraConfig, model: nn.Module) -> None:
+    """One warning for an adapter whose r exceeds the input or output size of some kinds it adapts: their updates
+    cannot have rank r there (a tiny test model with the paper's ranks, or r above a narrow k/v projection)."""
+    capped: dict[str, tuple[int, int]] = {}
+    for key, base in targeted_layers(model, config):
+        k, d = linear_sizes(base)
+        if not config.adapts_with_lora(key) and config.r > min(k, d):
+            capped.setdefault(module_kind(key), (k, d))
+    if capped:
+        kinds = ", ".join(f"{kind} (in {k}, out {d}: at most {min(k, d)})" for kind, (k, d) in sorted(capped.items()))
+        warnings.warn(f"DenseLoRA r={config.r} is larger than a size of {kinds}: their updates cannot have rank {config.r}")
 
 
 def check_targets(config: DenseLoraConfig, model: nn.Module) -> None:
