@@ -81,6 +81,11 @@ def checkpoint_steps(folder: Path) -> list[int]:
     return sorted(int(path.name.removeprefix("checkpoint_")) for path in folder.glob("**/checkpoint_[0-9]*") if path.is_dir())
 
 
+def is_ray_train_worker(process: psutil.Process) -> bool:
+    """Whether a process is a Ray Train worker (its title is cut to 15 characters in the process name)."""
+    return process.name().startswith("ray::RayTrainWor") or process.cmdline()[:1] == ["ray::RayTrainWorker"]
+
+
 def kill_and_wait(process: psutil.Process, deadline_s: float = 30) -> None:
     """SIGKILL a process and wait until it has stopped running (gone, or a zombie its parent has not reaped yet)."""
     process.kill()

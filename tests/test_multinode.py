@@ -14,7 +14,7 @@ import ray
 from mlflow import MlflowClient
 from ray.cluster_utils import Cluster
 
-from conftest import checkpoint_steps, kill_and_wait
+from conftest import checkpoint_steps, is_ray_train_worker, kill_and_wait
 from densetune.config import TrialConfig
 from densetune.experiment import LOCAL, SMOKE
 from densetune.sweep import SweepConfig, run_sweep
@@ -61,7 +61,7 @@ def training_worker(workers: list) -> tuple[object, psutil.Process]:
     """This test's Ray Train worker process, and the worker node whose raylet started it."""
     for process in psutil.process_iter():
         try:
-            if process.name().startswith("ray::RayTrainWor") or process.cmdline()[:1] == ["ray::RayTrainWorker"]:
+            if is_ray_train_worker(process):
                 parent = process.ppid()
                 return next(n for n in workers if parent in {p.process.pid for p in n.all_processes["raylet"]}), process
         except (psutil.NoSuchProcess, StopIteration):

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 import densemod
-from conftest import checkpoint_steps, kill_and_wait
+from conftest import checkpoint_steps, is_ray_train_worker, kill_and_wait
 from densetune.config import TrialConfig
 from densetune.experiment import LOCAL, SMOKE
 from densetune.sweep import OptunaOnEvaluations, SweepConfig, run_sweep
@@ -369,7 +369,7 @@ def kill_a_training_worker_after(checkpoint: str, folder: Path, deadline_s: floa
     seen["begun"] = checkpoint_steps(folder)[-1]
     for process in psutil.Process().children(recursive=True):
         try:
-            if process.cmdline()[:1] == ["ray::RayTrainWorker"] or process.name().startswith("ray::RayTrainWor"):
+            if is_ray_train_worker(process):
                 kill_and_wait(process)  # stopped, so that no checkpoint folder appears after the count below
                 seen["killed"] = process.pid
         except psutil.NoSuchProcess:

@@ -73,9 +73,11 @@ class DenseLoraModel(BaseTuner):
     def _prepare_model(self, peft_config: DenseLoraConfig, model: nn.Module) -> None:
         # Runs before any module is replaced: a bad target fails here with the model untouched.
         check_targets(peft_config, model)
-        check_lora_targets(peft_config, model)
-        check_kind_shapes(peft_config, model)
-        warn_of_capped_ranks(peft_config, model)
+        layers = targeted_layers(model, peft_config)
+        check_lora_targets(peft_config, layers)
+        dense_layers = [(key, base) for key, base in layers if not peft_config.adapts_with_lora(key)]
+        check_kind_shapes(peft_config, dense_layers)
+        warn_of_capped_ranks(peft_config, dense_layers)
         super()._prepare_model(peft_config, model)
 
     def _create_and_replace(
@@ -241,14 +243,12 @@ def targeted_layers(model: nn.Module, config: PeftConfig) -> list[tuple[str, nn.
     ]
 
 
-def check_kind_shapes(config: DenseLoraConfig, model: nn.Module) -> None:
+def check_kind_shapes(config: DenseLoraConfig, dense_layers: list[tuple[str, nn.Module]]) -> None:
     """With share_scope 'kind', fail before any module is replaced if the layers of a kind differ in shape."""
     if config.share_scope != "kind":
         return
     first_sizes: dict[str, tuple[int, int]] = {}
-    for key, base in targeted_layers(model, config):
-        if config.adapts_with_lora(key):
-            continue
+    for key, base in dense_layers:
         kind, (k, d) = module_kind(key), linear_sizes(base)
         have_k, have_d = first_sizes.setdefault(kind, (k, d))
         if (have_k, have_d) != (k, d):
@@ -258,13 +258,13 @@ def check_kind_shapes(config: DenseLoraConfig, model: nn.Module) -> None:
             )
 
 
-def warn_of_capped_ranks(config: DenseLoraConfig, model: nn.Module) -> None:
+def warn_of_capped_ranks(config: DenseLoraConfig, dense_layers: list[tuple[str, nn.Module]]) -> None:
     """One warning for an adapter whose r exceeds the input or output size of some kinds it adapts: their updates
     cannot have rank r there (a tiny test model with the paper's ranks, or r above a narrow k/v projection)."""
     capped: dict[str, tuple[int, int]] = {}
-    for key, base in targeted_layers(model, config):
+    for key, base in dense_layers:
         k, d = linear_sizes(base)
-        if not config.adapts_with_lora(key) and config.r > min(k, d):
+        if config.r > min(k, d):
             capped.setdefault(module_kind(key), (k, d))
     if capped:
         kinds = ", ".join(f"{kind} (in {k}, out {d}: at most {min(k, d)})" for kind, (k, d) in sorted(capped.items()))
@@ -298,12 +298,12 @@ def check_targets(config: DenseLoraConfig, model: nn.Module) -> None:
                 )
 
 
-def check_lora_targets(config: DenseLoraConfig, model: nn.Module) -> None:
+def check_lora_targets(config: DenseLoraConfig, layers: list[tuple[str, nn.Module]]) -> None:
     """Fail with one clear line unless every name in lora_modules names targeted layers and some target is left to
     DenseLoRA (else the adapter is plain LoRA: use peft.LoraConfig)."""
     if not config.lora_modules:
         return
-    keys = [key for key, _ in targeted_layers(model, config)]
+    keys = [key for key, _ in layers]
     kinds = sorted({module_kind(key) for key in keys})
     for name in sorted(config.lora_modules):
         if not any(matches_name(key, name) for key in keys):
