@@ -8,7 +8,8 @@ parameters down; ASHA stops the trials that trail at their first evaluations. Th
         --max-steps 1000
 
 A method named for a DenseLoRA variant (freeze, only_matrix) is DenseLoRA with that variant. Every trial evaluates
-every 20 steps, so ASHA has an accuracy to compare at its rungs.
+every 20 steps on its validation set, so ASHA has an accuracy to compare at its rungs; the test split is
+evaluated at the start and the end only, and chooses nothing.
 """
 
 import sys
@@ -25,7 +26,7 @@ STUDY = Study(
     trial={"eval_every": 20},
     columns=("trainable_params", "trainable_pct"),
     sweep={
-        "search": "optuna", "scheduler": "asha", "num_samples": 12, "metric": "accuracy/average,trainable_params",
+        "search": "optuna", "scheduler": "asha", "num_samples": 12, "metric": "val/accuracy/average,trainable_params",
         "mode": "max,min",
     },
 )

@@ -106,7 +106,7 @@ def test_the_rank_studys_help_shows_its_defaults_and_smokes(monkeypatch):
     assert found["--space"].endswith("(default: rank=8,32,128)")
     pareto = load(ROOT / "experiments" / "pareto_search.py").STUDY
     found = options(study_parser(pareto, "").format_help())
-    assert found["--metric"].endswith("(default: accuracy/average,trainable_params)")
+    assert found["--metric"].endswith("(default: val/accuracy/average,trainable_params)")
     assert "targets=q+v,q+k+v+up+down)" in found["--space"]  # as --space writes a target list
 
 

@@ -1,15 +1,21 @@
-"""Benchmark loading, subsampling, the synthetic task, tokenization and batching, on the real LLM-Adapters files."""
+"""Benchmark loading, suites, subsampling, the synthetic task, tokenization and batching, on the real LLM-Adapters files."""
 
 import json
+import logging
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from densetune.data import REQUIRED_FIELDS, collate, data_dirs, load_benchmark, subsample, synthetic_task, tokenize_pairs
-from densetune.inputs import training_pairs
+from densetune.config import TrialConfig
+from densetune.data import (
+    REQUIRED_FIELDS, SUITES, collate, data_dirs, expand_suites, load_benchmark, subsample, synthetic_task,
+    tokenize_pairs,
+)
+from densetune.inputs import eval_sources, training_pairs
 from densetune.models import byte_tokenizer
 from densetune.prompts import prompt
 from densetune.protocols import training_pair
@@ -83,8 +89,8 @@ def test_names_come_from_the_folder_for_train_and_test_files_and_from_the_stem_o
 @needs_data
 def test_training_pairs_are_the_train_split_in_order_as_the_protocol_words_them():
     rows = load_benchmark(str(DATA / "ARC-Challenge" / "train.json")).rows
-    assert training_pairs(str(DATA / "ARC-Challenge"), "label") == [label_pair(row) for row in rows]
-    text = training_pairs(str(DATA / "ARC-Challenge"), "text")
+    assert training_pairs(load_benchmark(DATA / "ARC-Challenge"), "label") == [label_pair(row) for row in rows]
+    text = training_pairs(load_benchmark(DATA / "ARC-Challenge"), "text")
     assert text == [training_pair(row, "answer", "text") for row in rows]
     assert text[0] == (
         "Question: George wants to warm his hands quickly by rubbing them. Which skin surface will produce the most "
@@ -105,7 +111,7 @@ def test_a_text_protocol_row_without_options_names_the_row(tmp_path):
     choice = {**ROW, "instruction": "Pick one: Answer1: a Answer2: b Answer3: c Answer4: d", "answer": "answer1"}
     (tmp_path / "train.json").write_text(json.dumps([choice, {**choice, "instruction": "Pick one."}]))
     with pytest.raises(ValueError) as error:
-        training_pairs(str(tmp_path / "train.json"), "text")
+        training_pairs(load_benchmark(tmp_path / "train.json"), "text")
     assert str(error.value) == f"{tmp_path.name} train row 1: cannot read the options answer1/answer2/answer3/answer4/answer5 from the instruction 'Pick one.'"
 
 
@@ -182,6 +188,110 @@ def test_a_file_without_rows_is_refused_naming_the_file(tmp_path, text):
     with pytest.raises(ValueError, match="cannot read a JSON list of rows") as error:
         load_benchmark(str(path))
     assert str(error.value).startswith(f"{path}: ")
+
+
+# Suites: a name that stands for several benchmarks
+
+COMMONSENSE = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa")
+
+
+def benchmark_folders(root: Path, tested: Sequence[str], untested: Sequence[str] = ()) -> Path:
+    """LLM-Adapters folders under `root`: `tested` ones hold test.json, `untested` ones train.json alone (as
+    openbookqa does in the shared data)."""
+    for name in tested:
+        write_rows(root / name / "test.json", [{**ROW, "instruction": f"A {name} question."}])
+    for name in untested:
+        write_rows(root / name / "train.json", [ROW])
+    return root
+
+
+def test_the_commonsense_suite_is_the_papers_eight_benchmarks_in_its_order():
+    assert SUITES == {"commonsense": COMMONSENSE}
+
+
+def test_a_suite_becomes_its_benchmarks_with_a_test_split_in_the_suites_order(tmp_path):
+    folder = benchmark_folders(tmp_path, ["ARC-Challenge", "piqa", "winogrande", "boolq"], ["openbookqa"])
+    expanded, missing = expand_suites(["commonsense"], folders=[folder])
+    assert expanded == ["boolq", "piqa", "winogrande", "ARC-Challenge"]
+    assert missing == {"commonsense": ["social_i_qa", "hellaswag", "ARC-Easy", "openbookqa"]}
+    # openbookqa's train.json counts for the train split
+    assert expand_suites(["commonsense"], "train", [folder]) == (["openbookqa"], {"commonsense": [
+        "boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge",
+    ]})
+
+
+def test_a_complete_suite_reports_nothing_missing(tmp_path):
+    folder = benchmark_folders(tmp_path, COMMONSENSE)
+    assert expand_suites(["commonsense"], folders=[folder]) == (list(COMMONSENSE), {})
+
+
+def test_other_sources_stay_as_they_are_in_order_and_each_source_comes_once(tmp_path):
+    folder = benchmark_folders(tmp_path, ["piqa", "boolq"])
+    sources = ["synthetic", "piqa", "commonsense", "data/math_data.json", "boolq", "owner/name", "commonsense"]
+    expanded, missing = expand_suites(sources, folders=[folder])
+    assert expanded == ["synthetic", "piqa", "boolq", "data/math_data.json", "owner/name"]
+    assert missing == {"commonsense": [name for name in COMMONSENSE if name not in ("piqa", "boolq")]}
+    assert expand_suites(["ARC-Easy", "synthetic", "ARC-Easy"], folders=[]) == (["ARC-Easy", "synthetic"], {})
+
+
+def test_a_suite_of_which_no_benchmark_is_found_names_the_suite_the_benchmarks_and_the_folders(tmp_path):
+    folder = benchmark_folders(tmp_path, [], ["openbookqa"])
+    looked_for = "boolq, piqa, social_i_qa, hellaswag, winogrande, ARC-Easy, ARC-Challenge, openbookqa"
+    with pytest.raises(ValueError) as error:
+        expand_suites(["synthetic", "commonsense"], folders=[folder])
+    assert str(error.value) == (
+        f"commonsense: no benchmark of the suite has test.json (looked for {looked_for}; data folders: {folder})"
+    )
+    with pytest.raises(ValueError) as error:
+        expand_suites(["commonsense"], folders=[])
+    assert str(error.value) == (
+        f"commonsense: no benchmark of the suite has test.json (looked for {looked_for}; data folders: none found)"
+    )
+
+
+def test_a_benchmark_counts_only_if_the_first_folder_holding_it_has_the_split(monkeypatch, tmp_path):
+    # All eight folders in $DENSETUNE_DATA hide the shared ones: load_benchmark("hellaswag", "test") would read this
+    # folder's hellaswag, which has no test.json, whatever a later folder holds.
+    tested = ["boolq", "social_i_qa", "ARC-Easy"]
+    folder = benchmark_folders(tmp_path, tested, [name for name in COMMONSENSE if name not in tested])
+    monkeypatch.setenv("DENSETUNE_DATA", str(folder))
+    expanded, missing = expand_suites(["commonsense"])
+    assert expanded == tested
+    assert missing == {"commonsense": ["piqa", "hellaswag", "winogrande", "ARC-Challenge", "openbookqa"]}
+    assert [load_benchmark(name, "test").rows[0]["instruction"] for name in expanded] == [
+        f"A {name} question." for name in tested
+    ]
+
+
+@needs_data
+def test_on_the_shared_data_commonsense_is_the_five_benchmarks_with_a_test_split(monkeypatch):
+    monkeypatch.delenv("DENSETUNE_DATA", raising=False)
+    assert data_dirs() == [DATA]
+    expanded, missing = expand_suites(["commonsense"])
+    assert expanded == ["boolq", "piqa", "social_i_qa", "ARC-Easy", "ARC-Challenge"]
+    assert missing == {"commonsense": ["hellaswag", "winogrande", "openbookqa"]}  # openbookqa: train.json alone
+
+
+def test_eval_sources_expand_a_suite_and_warn_once_about_what_it_lacks(monkeypatch, tmp_path, caplog):
+    tested = ["piqa", "ARC-Challenge", "boolq"]
+    folder = benchmark_folders(tmp_path, tested, [name for name in COMMONSENSE if name not in tested])
+    monkeypatch.setenv("DENSETUNE_DATA", str(folder))
+    folders = ", ".join(str(path) for path in data_dirs())
+    config = TrialConfig(datasets=["synthetic"], eval_datasets=["commonsense"])
+    with caplog.at_level(logging.WARNING, logger="densetune.inputs"):
+        # load_data, data_source and the tracked data sets each ask
+        assert [eval_sources(config) for _ in range(3)] == [["boolq", "piqa", "ARC-Challenge"]] * 3
+    assert [record.getMessage() for record in caplog.records] == [
+        f"eval suite commonsense: social_i_qa, hellaswag, winogrande, ARC-Easy, openbookqa have no test split in the "
+        f"data folders ({folders}); evaluating the other 3"
+    ]
+
+
+def test_eval_sources_without_a_suite_are_the_sources_named(caplog):
+    with caplog.at_level(logging.WARNING, logger="densetune.inputs"):
+        assert eval_sources(TrialConfig(datasets=["synthetic", "mine.json"])) == ["synthetic", "mine.json"]
+        assert eval_sources(TrialConfig(eval_datasets=["owner/name"])) == ["owner/name"]
+    assert not caplog.records
 
 
 # Subsampling
@@ -295,7 +405,7 @@ def test_the_synthetic_task_has_only_train_and_test():
 
 def test_synthetic_is_the_source_named_synthetic():
     assert load_benchmark("synthetic", "test") == synthetic_task("test")
-    assert training_pairs("synthetic", "label") == [label_pair(row) for row in synthetic_task("train").rows]
+    assert training_pairs(load_benchmark("synthetic"), "label") == [label_pair(row) for row in synthetic_task("train").rows]
 
 
 # Tokenization and batching (byte_tokenizer: one token per UTF-8 byte, no BOS)

@@ -21,7 +21,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from safetensors.torch import save_file
 
 from densetune import report
-from densetune.stats import mcnemar
+from densetune.stats import detectable_difference, mcnemar
 from densetune.tracking import ROLE, STUDY, SWEEP, TRIAL_ID
 
 T_975_2 = 4.302652729749464  # Student t, 97.5 % quantile, 2 degrees of freedom (a t table's 4.303)
@@ -171,6 +171,7 @@ def test_failed_trial_is_listed_but_left_out(written):
 
 def test_pairs_csv_holds_mcnemar_of_the_final_answers(written):
     pairs = rows(written.parent / "pairs.csv")
+    text = written.read_text()
     assert len(pairs) == 15  # every two of the six finished trials
     ids = {f"t{n}": key for n, key in enumerate(TRAINED)}
     for pair in pairs:
@@ -181,6 +182,10 @@ def test_pairs_csv_holds_mcnemar_of_the_final_answers(written):
         assert float(pair["p"]) == pytest.approx(expected.p, rel=1e-9)
         assert (int(pair["a_only"]), int(pair["b_only"])) == (expected.a_only, expected.b_only)
         assert (pair["same_seed"] == "True") == (seed_a == seed_b)
+        # every pair, tested or not, has its resolution: from its n and its discordant questions
+        assert int(pair["n"]) == 2 * QUESTIONS
+        assert float(pair["detectable"]) == pytest.approx(
+            detectable_difference(2 * QUESTIONS, expected.a_only + expected.b_only), rel=1e-12)
         tested = seed_a == seed_b and method_a != method_b
         assert (pair["verdict"] != "") == tested
         if tested:  # DenseLoRA (fewer parameters, listed first) is right on 22 more questions: p tiny
@@ -190,17 +195,27 @@ def test_pairs_csv_holds_mcnemar_of_the_final_answers(written):
             k, factor = {1: (22, 2), 2: (23, 3), 3: (19, 1)}[seed_a]
             assert int(pair["a_only"]) == k and float(pair["p"]) == 2 / 2**k
             assert float(pair["p_holm"]) == pytest.approx(factor * 2 / 2**k, rel=1e-12)
+            # report.md shows it in points beside the verdict (b_only is 0 here: k discordant questions)
+            detectable = report.percent(detectable_difference(2 * QUESTIONS, k))
+            assert f"| {report.significant(float(pair['p_holm']))} | {detectable} | A better |" in text
+    assert "| p (Holm) | detectable (points) | verdict |" in text.split("## Pairs")[1]
 
 
 def test_before_after_verdicts_follow_holm(written):
     section = written.read_text().split("## Before vs after training")[1].split("## Pairs")[0]
+    assert "| p (Holm) | detectable (points) | verdict |" in section
     lines = [line for line in section.splitlines() if re.match(r"\| t\d ", line)]
     assert len(lines) == 6
     for line in lines:
         method = "denselora" if "method=denselora" in line else "lora"
         cells = [cell.strip() for cell in line.strip("|").split("|")]
-        p, adjusted, verdict = float(cells[-3]), float(cells[-2]), cells[-1]
+        p, adjusted, detectable, verdict = float(cells[-4]), float(cells[-3]), cells[-2], cells[-1]
         assert adjusted >= p
+        # the first 2 x 10 questions are right before and after: the discordant ones are those gained in training
+        discordant = sum(TRAINED[list(TRAINED)[int(cells[0][1:])]]) - 2 * UNTUNED
+        resolution = detectable_difference(2 * QUESTIONS, discordant)
+        assert detectable == ("none possible" if resolution == math.inf else report.percent(resolution))
+        assert (detectable == "none possible") == (method == "lora")  # LoRA gains 1, 2 and 5 questions: too few
         assert verdict == ("better" if adjusted < 0.05 else "no difference shown")
         assert verdict == ("better" if method == "denselora" else "no difference shown")
 

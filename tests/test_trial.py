@@ -14,6 +14,7 @@ from densetune.trial import main, prepare, run_trial
 FAST = dict(
     model="tiny-llama", rank=4, dropout=0.0, batch_size=8, micro_batch_size=2, lr=1e-2, warmup_steps=0,
     report_every=1, eval_mode="loglik", eval_limit=16, cutoff_len=128, datasets=["synthetic"], dtype="float32",
+    val_size=16,
 )
 # bfloat16 keeps 8 bits of mantissa, but a loss averages the rounding errors of many tokens: on the tiny model the two
 # curves differed by at most 5e-4 over 20 steps (2026-11-29).
@@ -54,7 +55,9 @@ def test_resume_continues_the_uninterrupted_loss_curve(local_ray, tmp_path):
     resumed = run_trial(TrialConfig(**settings, name="paused"))
 
     assert losses(paused) == pytest.approx(losses(full, {1, 2, 3}), rel=1e-6)
-    assert paused.summary["evaluations"] == []  # the run is not over: no final evaluation yet
+    # the run is not over: the validation set's evaluation at step 0 only, no final one yet
+    assert [e["step"] for e in paused.summary["evaluations"]] == [0]
+    assert set(paused.summary["evaluations"][0]) == {"step", "val/accuracy/synthetic", "val/accuracy/average"}
     assert resumed.summary["resumed_from_step"] == 3
     assert list(losses(resumed)) == [4, 5, 6]
     assert losses(resumed) == pytest.approx(losses(full, {4, 5, 6}), rel=1e-5)
@@ -93,16 +96,22 @@ def test_bf16_autocast_follows_the_float32_loss_curve(local_ray, tmp_path):
     assert max(abs(reference[step] - mixed[step]) for step in reference) < BF16_LOSS_TOLERANCE
 
 
-def test_evaluation_before_during_and_after_training(local_ray, tmp_path):
+def test_the_validation_set_is_evaluated_at_every_evaluation_and_the_test_split_at_the_ends(local_ray, tmp_path):
     result = run_trial(TrialConfig(
-        **{**FAST, "report_every": 5}, max_steps=4, eval_at_start=True, eval_every=2, name="evals",
+        **{**FAST, "report_every": 5, "cutoff_len": 512}, max_steps=4, eval_at_start=True, eval_every=2, name="evals",
         storage_path=str(tmp_path),
     ))
     evaluations = result.summary["evaluations"]
     assert [e["step"] for e in evaluations] == [0, 2, 4]
-    assert all(set(e) == {"step", "accuracy/synthetic", "accuracy/average"} for e in evaluations)
+    validation = {"val/accuracy/synthetic", "val/accuracy/average", "val/loss"}
+    test = {"accuracy/synthetic", "accuracy/average"}
+    assert [set(e) - {"step"} for e in evaluations] == [validation | test, validation, validation | test]
+    assert all(0 < e["val/loss"] < 10 for e in evaluations)
     # steps with an evaluation are reported even between report_every steps
     assert [h["step"] for h in result.summary["history"]] == [2, 4]
+    # only the test split's answers are kept for paired tests: 16 questions before training and 16 after
+    predictions = json.loads(open(os.path.join(result.checkpoint, "predictions.json")).read())
+    assert sorted({p["step"] for p in predictions}) == [0, 4] and len(predictions) == 32
 
 
 def test_command_line_trial_prints_a_summary(local_ray, tmp_path, capsys):
@@ -132,7 +141,7 @@ ROW = {"instruction": "Pick one.\n\nAnswer format: answer1/answer2", "input": ""
     ("settings", "message"),
     [
         (dict(datasets=["/nonexistent/train.json"]), r"/nonexistent/train.json"),
-        (dict(datasets=["synthetic"], data_fraction=0.0001), r"data_fraction 0.0001 of 2000 rows leaves no row"),
+        (dict(datasets=["synthetic"], data_fraction=0.0001), r"data_fraction 0.0001 of 1984 rows leaves no row"),
         (dict(model="no-such-model"), r"unknown model 'no-such-model': use one of 'tiny-llama', 'smollm2-135m'"),
         (dict(num_workers=3, micro_batch_size=4, batch_size=16), r"batch_size 16 must be a multiple of micro_batch_size x num_workers = 12"),
         (dict(eval_mode="greedy"), r"eval_mode must be one of 'generate', 'loglik'; got 'greedy'"),
@@ -145,6 +154,10 @@ ROW = {"instruction": "Pick one.\n\nAnswer format: answer1/answer2", "input": ""
         (dict(seed=-3), r"^seed must be a non-negative integer; got -3$"),
         (dict(eval_batch_size=0), r"^eval_batch_size must be a positive integer; got 0$"),
         (dict(max_new_tokens=0), r"^max_new_tokens must be a positive integer; got 0$"),
+        (dict(val_size=-1), r"^val_size must be a non-negative integer \(0: no validation set\); got -1$"),
+        (dict(val_size=0, eval_every=5), r"^eval_every 5 evaluates the validation set, and val_size is 0: give val_size"),
+        (dict(val_size=2000), r"^synthetic has 2000 training rows: val_size 2000 would leave none to train on; use a "
+                              r"smaller val_size \(0: no validation set\)$"),
     ],
 )
 def test_bad_settings_fail_before_any_worker(settings, message):

@@ -35,6 +35,11 @@ SEARCHES = ("grid", "random", "optuna")
 SCHEDULERS = ("fifo", "asha")
 # The metric a trial reports, with the step, when its loss stops being finite: it ends there (train.diverged).
 DIVERGED = "diverged_at_step"
+# The three splits' metrics. Training rows train; the validation set, held out from them, is what every choice reads
+# (searchers, schedulers, the best trial, the Pareto front); the benchmark's test split is reported, never chosen on.
+VAL_PREFIX = "val/"  # val/accuracy/<benchmark>, val/accuracy/average, val/accuracy_norm/..., val/loss
+TEST_PREFIXES = ("accuracy/", "accuracy_norm/")  # per benchmark and average; accuracy_norm: the text protocol
+DEFAULT_METRIC = "val/accuracy/average"
 
 
 def setting(default: Any, text: str, choices: tuple[str, ...] = (), unset: Optional[str] = None) -> Any:
@@ -85,10 +90,19 @@ class TrialConfig:
         "option's text scored by log-likelihood", PROTOCOLS,
     )
     eval_datasets: Optional[list[str]] = setting(
-        None, "the evaluation data, comma-separated, named as the training data is",
+        None, "the evaluation data, comma-separated, named as the training data is, or a suite: commonsense (the "
+        "paper's eight commonsense benchmarks, those found in the data folders)",
         unset="the test split of each training set",
     )
-    data_fraction: float = setting(1.0, "the share of the training rows kept, in (0, 1]: a subset drawn with the seed")
+    val_size: int = setting(
+        200, "training rows of each training data set held out as the validation set: the same rows for every trial "
+        "and seed, never trained on; evaluated at step 0, every eval_every steps and at the end (val/accuracy/*, "
+        "val/loss), and what sweeps choose on; 0: no validation set",
+    )
+    data_fraction: float = setting(
+        1.0, "the share of the training rows kept after the validation set is held out, in (0, 1]: a subset drawn "
+        "with the seed",
+    )
     cutoff_len: int = setting(256, "the most tokens of an example; longer ones are cut")
     train_on_inputs: bool = setting(True, "the loss on the prompt too, not on the response alone")
     group_by_length: bool = setting(True, "batches of examples of similar length: little compute spent on padding")
@@ -131,8 +145,14 @@ class TrialConfig:
         "generate", "under the label protocol, generate: greedy generation and answer extraction (LLM-Adapters); "
         "loglik: faster; the text protocol always scores the options' texts", EVAL_MODES,
     )
-    eval_every: Optional[int] = setting(None, "optimizer steps between evaluations", unset="only at the end")
-    eval_at_start: bool = setting(False, "also evaluate before the first step: the base model, for DenseLoRA and LoRA")
+    eval_every: Optional[int] = setting(
+        None, "optimizer steps between evaluations of the validation set (the test split is evaluated at the end only)",
+        unset="only at step 0 and at the end",
+    )
+    eval_at_start: bool = setting(
+        False, "also evaluate the test split before the first step: the base model, for DenseLoRA and LoRA (the "
+        "validation set always is)",
+    )
     eval_limit: Optional[int] = setting(
         None, "a fixed subset of this many questions per benchmark, the same for every seed", unset="every question"
     )
@@ -178,10 +198,11 @@ class SweepConfig:
     search: str = "grid"  # grid: every combination; random: num_samples draws; optuna: Bayesian, num_samples trials
     num_samples: int = 1  # grid: passes over the grid (with different seeds only if seed is searched)
     scheduler: str = "fifo"  # asha: stop the worse trials early, at steps grace_period, 2x, 4x, ...
-    # what optuna and asha compare; ASHA sees it only where a trial reports it. A list (with a list of modes) asks optuna
-    # for a multi-objective search, e.g. ["accuracy/average", "trainable_params"], ["max", "min"]: ASHA then compares
-    # the first objective.
-    metric: Union[str, list[str]] = "accuracy/average"
+    # what optuna, asha and the sweep's best trial compare: a validation metric or a trial's size, never a test metric;
+    # ASHA sees it only where a trial reports it. A list (with a list of modes) asks optuna for a multi-objective
+    # search, e.g. ["val/accuracy/average", "trainable_params"], ["max", "min"]: ASHA then compares the first objective,
+    # and the best trial is the best on the first, ties broken by the next.
+    metric: Union[str, list[str]] = DEFAULT_METRIC
     mode: Union[str, list[str]] = "max"
     grace_period: int = 10
     max_concurrent: int = 0  # 0: as many trials at once as the cluster's nodes fit (no limit on an autoscaling cluster)

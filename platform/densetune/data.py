@@ -32,6 +32,13 @@ _ALLOWED = (
     "id owner/name, or 'synthetic'"
 )
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+# A suite name stands for these benchmarks (LLM-Adapters folder names), in the order of the DenseLoRA paper's Table 1,
+# whose average is over them.
+SUITES: dict[str, tuple[str, ...]] = {
+    "commonsense": (
+        "boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa",
+    ),
+}
 
 
 @dataclass
@@ -80,10 +87,45 @@ def data_dirs() -> list[Path]:
     return [folder for folder in [*listed, beside] if folder.is_dir()]
 
 
-def find_in_data_dirs(name: str) -> Path | None:
+def find_in_data_dirs(name: str, folders: Sequence[Path] | None = None) -> Path | None:
+    """The first folder called `name` in `folders` (default: data_dirs()), the one load_benchmark(name) reads."""
     if "/" in name or name in (".", ".."):
         return None
-    return next((folder / name for folder in data_dirs() if (folder / name).is_dir()), None)
+    folders = data_dirs() if folders is None else folders
+    return next((folder / name for folder in folders if (folder / name).is_dir()), None)
+
+
+def expand_suites(
+    sources: Sequence[str], split: str = "test", folders: Sequence[Path] | None = None,
+) -> tuple[list[str], dict[str, list[str]]]:
+    """`sources` with each suite name (SUITES) replaced by those of its benchmarks that have {split}.json in the data
+    folders (`folders`, default data_dirs()), other sources kept as they are, in order, each once; and, per suite that
+    lacks some, its missing benchmarks. A suite of which none is found is a ValueError: it would evaluate on nothing.
+    """
+    folders = data_dirs() if folders is None else list(folders)
+    expanded: list[str] = []
+    missing: dict[str, list[str]] = {}
+    for source in sources:
+        if source not in SUITES:
+            expanded.append(source)
+            continue
+        found = [name for name in SUITES[source] if _has_split(name, split, folders)]
+        if not found:
+            searched = ", ".join(str(folder) for folder in folders) or "none found"
+            raise ValueError(
+                f"{source}: no benchmark of the suite has {split}.json (looked for {', '.join(SUITES[source])}; "
+                f"data folders: {searched})"
+            )
+        expanded.extend(found)
+        if len(found) < len(SUITES[source]):
+            missing[source] = [name for name in SUITES[source] if name not in found]
+    return list(dict.fromkeys(expanded)), missing
+
+
+def _has_split(name: str, split: str, folders: Sequence[Path]) -> bool:
+    # The first folder called `name` must hold the split, as load_benchmark reads that one and no other.
+    found = find_in_data_dirs(name, folders)
+    return found is not None and (found / f"{split}.json").is_file()
 
 
 def _read_json(path: Path) -> list[dict]:

@@ -10,10 +10,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .answers import LABEL_FORMATS, LOGLIK_PREFIX, answer_format, choices, extract, is_correct
 from .config import PROTOCOLS
+from .data import IGNORE_INDEX, TokenizedRows, collate
 from .prompts import prompt
 from .protocols import text_question
 
@@ -267,3 +269,31 @@ def accuracy(predictions: Sequence[Prediction], norm: bool = False) -> float:
     if norm and any(prediction.correct_norm is None for prediction in predictions):
         raise ValueError("these predictions have no length-normalised picks: only the text protocol makes them")
     return sum(bool(p.correct_norm if norm else p.correct) for p in predictions) / len(predictions)
+
+
+def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The causal LM's cross-entropy summed over the target tokens, as transformers computes it (float32 logits, each
+    position predicting the next token)."""
+    with torch.no_grad():
+        return F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
+            ignore_index=IGNORE_INDEX, reduction="sum",
+        ).item()
+
+
+def answer_loss(model, tokenizer, rows: TokenizedRows, batch_size: int = 8) -> float:
+    """The mean loss per target token over `rows` (tokenized with the loss on their answers only): the validation
+    loss, a smooth curve where per-batch training losses are not. Rows of similar length share a batch."""
+    order = sorted(range(len(rows)), key=lambda i: int(rows.lengths[i]), reverse=True)
+    device, total, targets = _device(model), 0.0, 0
+    with _inference(model, tokenizer, "right"):
+        for batch in _batches(order, batch_size):
+            inputs = collate(rows, batch, tokenizer.pad_token_id)
+            logits = model(
+                input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device)
+            ).logits
+            total += summed_token_loss(logits, inputs["labels"])
+            targets += int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+    if targets == 0:
+        raise ValueError("these rows have no answer token within cutoff_len: there is no loss to measure")
+    return total / targets

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .config import (
-    PROTOCOLS, SCHEDULERS, SEARCHABLE, SEARCHES, SweepConfig, TrialConfig, add_setting, comma_list, field_type, shown,
+    DEFAULT_METRIC, PROTOCOLS, SCHEDULERS, SEARCHABLE, SEARCHES, SweepConfig, TrialConfig, add_setting, comma_list,
+    field_type, shown,
 )
 
 
@@ -32,13 +33,13 @@ from .config import (
 LOCAL = dict(
     model="smollm2-135m", datasets=["ARC-Easy"], protocol="text", max_steps=60, warmup_steps=6, batch_size=8,
     micro_batch_size=4, train_on_inputs=False, eval_mode="loglik", eval_limit=200, eval_at_start=True,
-    report_every=5, cpus_per_worker=2.0,
+    report_every=5, cpus_per_worker=2.0, val_size=100,
 )
 # The whole study in a minute: the random tiny model, the built-in task (no data files needed), a handful of steps, a
 # few questions. Its tokenizer is byte-level, so the cutoff is longer: a built-in question is about 450 bytes.
 SMOKE = dict(
     model="tiny-llama", datasets=["synthetic"], max_steps=4, warmup_steps=1, batch_size=4, micro_batch_size=2,
-    cutoff_len=512, eval_limit=8, eval_batch_size=8, report_every=2, cpus_per_worker=1.0,
+    cutoff_len=512, eval_limit=8, eval_batch_size=8, report_every=2, cpus_per_worker=1.0, val_size=8,
 )
 
 
@@ -75,9 +76,10 @@ def parser(study: Study, description: str) -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     p.add_argument("--scheduler", choices=SCHEDULERS, default="fifo",
                    help="fifo: every trial runs to its end; asha: stop the worse trials early (default: %(default)s)")
-    p.add_argument("--metric", type=comma_list, default="accuracy/average",
-                   help="what optuna and asha compare; several, comma-separated, for a multi-objective optuna search, "
-                        "e.g. accuracy/average,trainable_params (default: %(default)s)")
+    p.add_argument("--metric", type=comma_list, default=DEFAULT_METRIC,
+                   help="what optuna, asha and the sweep's best trial compare: a validation metric (val/...) or "
+                        "trainable_params, never a test metric; several, comma-separated, for a multi-objective optuna "
+                        f"search, e.g. {DEFAULT_METRIC},trainable_params (default: %(default)s)")
     p.add_argument("--mode", type=comma_list, default="max",
                    help="max or min, one per metric (default: %(default)s)")
     p.add_argument("--num-samples", type=int, default=1,

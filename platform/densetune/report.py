@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Run
 
 from .config import DENSELORA_METHODS
-from .stats import McNemar, holm, majority_baseline, mcnemar, mean_interval
+from .stats import McNemar, detectable_difference, holm, majority_baseline, mcnemar, mean_interval
 from .tracking import DEVICE_SECONDS, PREDICTIONS, ROLE, SNAPSHOTS, SWEEP, experiment_ids, store_uri, sweep_runs
 
 FINISHED = "FINISHED"
@@ -262,7 +262,8 @@ def pairs(record: SweepRecord) -> pd.DataFrame:
     return with_tests(frame, "A better", "B better", frame["same_seed"] & ~frame["same_configuration"])
 
 
-TEST_COLUMNS = ("n", "both", "a_only", "b_only", "neither", "accuracy_a", "accuracy_b", "p", "p_holm", "verdict")
+TEST_COLUMNS = ("n", "both", "a_only", "b_only", "neither", "accuracy_a", "accuracy_b", "p", "p_holm", "detectable",
+                "verdict")
 
 
 def with_tests(frame: pd.DataFrame, a_wins: str, b_wins: str, family: Optional[pd.Series] = None) -> pd.DataFrame:
@@ -277,7 +278,8 @@ def with_tests(frame: pd.DataFrame, a_wins: str, b_wins: str, family: Optional[p
         rows.append({
             "n": r.n, "both": r.both, "a_only": r.a_only, "b_only": r.b_only, "neither": r.neither,
             "accuracy_a": (r.both + r.a_only) / r.n, "accuracy_b": (r.both + r.b_only) / r.n, "p": r.p,
-            "p_holm": q, "verdict": verdict(q, r, a_wins, b_wins) if t else "",
+            "p_holm": q, "detectable": detectable_difference(r.n, r.a_only + r.b_only, ALPHA),
+            "verdict": verdict(q, r, a_wins, b_wins) if t else "",
         })
     return frame.drop(columns="result").join(pd.DataFrame(rows, index=frame.index, columns=TEST_COLUMNS))
 
@@ -362,6 +364,10 @@ def how_to_read() -> list[str]:
         "of a configuration; with one seed there is no interval (n/a). Two evaluations are compared with an exact "
         "McNemar test on the same questions, and a difference is called one (better, worse) only where its "
         f"Holm-adjusted p is below {ALPHA}, across all the comparisons of its table; otherwise: {NO_DIFFERENCE}. "
+        "\"detectable (points)\" is that test's resolution: the smallest accuracy difference it had an 80 % chance to "
+        f"call significant at level {ALPHA} unadjusted, given its questions and its share of discordant ones (right "
+        "in one evaluation only); Holm's adjustment raises the real threshold, so a difference below it going "
+        "unshown says little, and \"none possible\" means too few discordant questions for any difference to show. "
         "The majority baseline is the accuracy of always giving a benchmark's most frequent gold answer.", "",
     ]
 
@@ -420,6 +426,9 @@ def tests_table(frame: pd.DataFrame, names: dict[str, str]) -> list[str]:
             shown[column] = shown[column].map(percent)
     for column in ("p", "p (Holm)"):
         shown[column] = shown[column].map(significant)
+    # inf: too few discordant questions for the test to reject at all
+    shown["detectable (points)"] = shown["detectable (points)"].map(
+        lambda value: "none possible" if value == math.inf else percent(value))
     return markdown_table(shown)
 
 
@@ -431,7 +440,7 @@ def before_after_section(record: SweepRecord) -> list[str]:
                         "end: nothing to compare.", ""]
     names = {"trial": "trial", "configuration": "configuration", "seed": "seed", "accuracy_a": "untuned",
              "accuracy_b": "trained", "a_only": "right only before", "b_only": "right only after", "p": "p",
-             "p_holm": "p (Holm)", "verdict": "verdict"}
+             "p_holm": "p (Holm)", "detectable": "detectable (points)", "verdict": "verdict"}
     return [
         *title,
         "Each finished trial's answers before its first update against its final answers, on the same questions "
@@ -448,7 +457,7 @@ def pairs_section(table: pd.DataFrame) -> list[str]:
     names = {"trial_a": "trial A", "configuration_a": "configuration A", "trial_b": "trial B",
              "configuration_b": "configuration B", "seed_a": "seed", "accuracy_a": "accuracy A",
              "accuracy_b": "accuracy B", "a_only": "right only A", "b_only": "right only B", "p": "p",
-             "p_holm": "p (Holm)", "verdict": "verdict"}
+             "p_holm": "p (Holm)", "detectable": "detectable (points)", "verdict": "verdict"}
     return [
         *title,
         "Final answers of two finished trials with the same seed and different configurations, on the same "

@@ -1,5 +1,6 @@
-"""The few statistics a sweep's report rests on: an interval over seeds, a paired test on the same questions, a
-correction for testing many pairs at once, and the baseline of always giving the most frequent answer."""
+"""The few statistics a sweep's report rests on: an interval over seeds, a paired test on the same questions and the
+smallest difference it could show, a correction for testing many pairs at once, and the baseline of always giving the
+most frequent answer."""
 
 from __future__ import annotations
 
@@ -50,6 +51,48 @@ def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> McNemar:
     discordant = a_only + b_only
     p = 1.0 if discordant == 0 else min(1.0, 2 * float(stats.binom.cdf(min(a_only, b_only), discordant, 0.5)))
     return McNemar(len(a), pairs[True, True], a_only, b_only, pairs[False, False], p)
+
+
+def detectable_difference(n: int, discordant: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The resolution of an exact McNemar test on `n` questions of which `discordant` (a_only + b_only) were
+    discordant: the smallest accuracy difference delta = (a_only - b_only) / n, as a fraction of n, that the test of
+    `mcnemar` at level `alpha` calls significant with probability `power`.
+
+    Conditional on the D discordant questions, a difference delta makes each one favour a with probability
+    q = 1/2 + delta * n / (2 * D), so a_only ~ binomial(D, q). The test rejects on a fixed set of a_only values; the
+    probability of that set grows with q on [1/2, 1] (the set is symmetric and holds only the tails), so the smallest q
+    that reaches `power` is found by bisection, and delta = (2q - 1) * D / n.
+
+    Returns math.inf when no difference of any size could be shown with so few discordant questions: even the most
+    lopsided split of D has p above `alpha` (always so for D <= 5 at 0.05), so the test cannot reject at all.
+    """
+    if n < 1:
+        raise ValueError(f"detectable_difference needs at least one question, got n = {n}")
+    if not 0 <= discordant <= n:
+        raise ValueError(f"detectable_difference needs 0 <= discordant <= n = {n}, got discordant = {discordant}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"detectable_difference needs 0 < alpha < 1, got alpha = {alpha}")
+    if not 0 < power < 1:
+        raise ValueError(f"detectable_difference needs 0 < power < 1, got power = {power}")
+    splits = np.arange(discordant + 1)  # the possible values of a_only
+    smaller = np.minimum(splits, discordant - splits)
+    # the same rule as mcnemar's p, computed once for every split
+    rejected = splits[np.minimum(1.0, 2 * stats.binom.cdf(smaller, discordant, 0.5)) <= alpha]
+    if rejected.size == 0:  # D = 0 included: a p of 1 is never below alpha
+        return math.inf
+
+    def rejection_probability(q: float) -> float:
+        return float(stats.binom.pmf(rejected, discordant, q).sum())
+
+    # at q = 1 every discordant question favours a: a_only = D, the most lopsided split, rejected whenever any is; so
+    # the rejection probability there is 1 >= power, and the answer lies within delta <= D / n
+    low, high = 0.5, 1.0
+    if rejection_probability(low) >= power:
+        return 0.0
+    while high - low > 1e-10:
+        middle = (low + high) / 2
+        low, high = (low, middle) if rejection_probability(middle) >= power else (middle, high)
+    return (2 * high - 1) * discordant / n
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:

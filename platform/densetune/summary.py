@@ -11,19 +11,23 @@ from typing import Any, Sequence
 import pandas as pd
 
 from .report import interval, markdown_table, percent_interval
-from .tracking import ACCURACY_PREFIXES, DEVICE_SECONDS
+from .config import DEFAULT_METRIC, TEST_PREFIXES
+from .tracking import DEVICE_SECONDS
 
 # What a trial cost: the devices it reserved times its wall time, and the tokens it trained on.
 COST = (DEVICE_SECONDS, "tokens_seen")
 FILES = ("summary.csv", "summary.md")
+VALIDATION = DEFAULT_METRIC  # the validation accuracy, averaged over the training sets
 
 
 def summary_frame(trials: pd.DataFrame, space: dict[str, Any], columns: Sequence[str]) -> pd.DataFrame:
     """`trials` (tracking.sweep_runs) as the table a user compares: the searched settings, `columns` (the study's,
-    e.g. trainable_params), every accuracy, the cost, and the status; sorted by the searched settings."""
+    e.g. trainable_params), the validation accuracy (what sweeps choose on), every test accuracy, the cost, and the
+    status; sorted by the searched settings."""
     if trials.empty:
         return trials
-    accuracies = sorted(c for c in trials.columns if c.startswith(ACCURACY_PREFIXES))
+    validation = [VALIDATION] if VALIDATION in trials.columns else []
+    accuracies = validation + sorted(c for c in trials.columns if c.startswith(TEST_PREFIXES))
     seeds = space.get("seed")
     if isinstance(seeds, (list, tuple)) and len(seeds) > 1:
         table = over_seeds(trials, [k for k in space if k != "seed" and k in trials.columns], columns, accuracies)

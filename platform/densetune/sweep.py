@@ -39,13 +39,14 @@ from ray.tune.search.sample import Domain
 import densemod
 from densemod.denselora.config import check_choice
 
-from .config import DIVERGED, SCHEDULERS, SEARCHABLE, SEARCHES, SweepConfig, TrialConfig, settings_label
+from .config import DIVERGED, SCHEDULERS, SEARCHABLE, SEARCHES, VAL_PREFIX, SweepConfig, TrialConfig, settings_label
 from .console import SweepProgress, clock, console, output_to
 from .inputs import TrialData, data_source, load_data, training_rows
 from .trial import (
     check_adapter_fits, check_config, check_non_negative, check_placeable, check_positive, own_ray, run_trial,
     uses_gpu, worker_resources, workers_that_fit,
 )
+from .selection import check_objective, without_test_metrics
 from .storage import check_storage, read_text, storage_root, write_text
 
 # A trial's driver only starts its worker group and waits: a sliver of memory, no CPU, so that a 2-worker trial
@@ -198,6 +199,11 @@ def check_objectives(sweep: SweepConfig) -> None:
         raise ValueError(f"give one mode per metric: metrics {metrics}, modes {modes}")
     for mode in modes:
         check_choice("mode", mode, ("max", "min"))
+    for metric in metrics:
+        check_objective(metric)
+        if metric.startswith(VAL_PREFIX) and sweep.trial.val_size == 0:
+            raise ValueError(f"metric {metric!r} is measured on the validation set, and val_size is 0: give val_size a "
+                             "number of rows")
     if len(metrics) > 1 and sweep.search != "optuna":
         raise ValueError(f"several metrics ({', '.join(metrics)}) need search 'optuna' (multi-objective); got {sweep.search!r}")
 
@@ -225,20 +231,30 @@ def trials_that_fit(config: TrialConfig, gpu: bool) -> Optional[int]:
 
 
 class OptunaOnEvaluations(OptunaSearch):
-    """Ray's Optuna searcher, shown a trial's results only where they hold every objective: trials report accuracy
-    when they evaluate, not with every loss. A trial that ends without them (stopped by ASHA between evaluations) is
-    told to Optuna as pruned."""
+    """Ray's Optuna searcher, shown a trial's results without their test metrics, and only where they hold every
+    objective: trials report accuracy when they evaluate, not with every loss. A trial that ends without them (stopped
+    by ASHA between evaluations) is told to Optuna as pruned."""
 
     def _objectives(self) -> list[str]:
         return self.metric if isinstance(self.metric, list) else [self.metric]
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         if all(name in result for name in self._objectives()):
-            super().on_trial_result(trial_id, result)
+            super().on_trial_result(trial_id, without_test_metrics(result))
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict[str, Any]] = None, error: bool = False) -> None:
         complete = result is not None and all(result.get(name) is not None for name in self._objectives())
-        super().on_trial_complete(trial_id, result if complete else None, error)
+        super().on_trial_complete(trial_id, without_test_metrics(result) if complete else None, error)
+
+
+class ASHAOnValidation(ASHAScheduler):
+    """Ray's ASHA, shown a trial's results without their test metrics."""
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        return super().on_trial_result(tune_controller, trial, without_test_metrics(result))
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> None:
+        super().on_trial_complete(tune_controller, trial, without_test_metrics(result))
 
 
 def tune_config(sweep: SweepConfig, concurrent: Optional[int]) -> tune.TuneConfig:
@@ -251,7 +267,7 @@ def tune_config(sweep: SweepConfig, concurrent: Optional[int]) -> tune.TuneConfi
         max_t = sweep.trial.max_steps or 10**9
         # Several objectives: ASHA prunes on the first; the searcher gets them all (Tune's own metric must stay unset).
         first = dict(zip(("metric", "mode"), goals[0])) if several else {}
-        scheduler = ASHAScheduler(time_attr="step", max_t=max_t, grace_period=min(sweep.grace_period, max_t), **first)
+        scheduler = ASHAOnValidation(time_attr="step", max_t=max_t, grace_period=min(sweep.grace_period, max_t), **first)
     search_alg = None
     if sweep.search == "optuna":
         metrics = dict(metric=[m for m, _ in goals], mode=[m for _, m in goals]) if several else {}
@@ -309,7 +325,7 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
         )
         tracker = SweepTracker(
             uri, sweep.study, name, trial_config, list(sweep.space), sweep_params(sweep, folder), artifact_root(uri),
-            gpu=gpu, objective=objectives(sweep)[0],
+            gpu=gpu, objectives=objectives(sweep),
         )
         if sweep.resume:
             tuner = tune.Tuner.restore(folder, trainable, resume_unfinished=True, resume_errored=True)

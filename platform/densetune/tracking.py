@@ -34,14 +34,15 @@ from mlflow.utils.mlflow_tags import (
 )
 from ray import tune
 
-from .config import DIVERGED, TrialConfig, field_type, settings_label
+from .config import DEFAULT_METRIC, DIVERGED, TEST_PREFIXES, VAL_PREFIX, TrialConfig, field_type, settings_label
+from .selection import Candidate, best
 
 # Reported once per trial and constant: logged as params, and the numbers among them also as metrics (at step 0), so
 # that the UI and search_runs sort and filter them as numbers.
 FACTS = {"trainable_params": int, "total_params": int, "trainable_pct": float, "total_steps": int, "precision": str}
 STEP_METRICS = (
     "loss", "aux_loss", "learning_rate", "tokens_per_s", "tokens_seen", "padding_fraction", "step_time_s",
-    "peak_memory_mb", "epoch", "startup_s",
+    "peak_memory_mb", "epoch", "startup_s", "device_seconds",
 )
 # Logged when a trial ends: its wall time, and what it cost, the devices it reserved times that time.
 WALL_TIME, DEVICE_SECONDS = "wall_time_s", "device_seconds"
@@ -51,7 +52,8 @@ DIVERGED_TAG = "diverged"  # a tag of a trial's run whose loss was not finite: t
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 PREDICTIONS, SNAPSHOTS = "predictions.json", "snapshots.safetensors"
 RECORD_FILES = (PREDICTIONS, "summary.json", SNAPSHOTS)
-ACCURACY_PREFIXES = ("accuracy/", "accuracy_norm/")  # per benchmark and average; accuracy_norm: text protocol
+# evaluations: the test split's accuracies (accuracy/..., accuracy_norm/...) and the validation set's (val/...)
+EVALUATED = (*TEST_PREFIXES, VAL_PREFIX)
 
 
 def default_tracking_uri(storage_path: str) -> str:
@@ -148,9 +150,12 @@ def source_tags() -> dict[str, str]:
 def dataset_inputs(config: TrialConfig) -> list[DatasetInput]:
     """The UI's Dataset column: each source the trial trains on (context training) and evaluates on (evaluation), as
     `<data set>/<split>` (ARC-Easy/train, ARC-Easy/test). MLflow wants a digest: this one is of the name, not of the
-    content."""
+    content. A suite (commonsense) is listed as the benchmarks it evaluates on."""
+    # Imported here: inputs imports torch, which this module's users (report, the CLI's --help) must not wait for.
+    from .inputs import eval_sources
+
     inputs = []
-    splits = (("training", "train", config.datasets), ("evaluation", "test", config.eval_datasets or config.datasets))
+    splits = (("training", "train", config.datasets), ("evaluation", "test", eval_sources(config)))
     for context, split, sources in splits:
         for source in sources:
             path = Path(source.rstrip("/"))
@@ -184,13 +189,13 @@ class SweepTracker(tune.Callback):
     def __init__(
         self, uri: str, study: str, sweep: str, to_config: Callable[[dict], TrialConfig], searched: Sequence[str],
         sweep_params: dict[str, str], artifact_root: Optional[str] = None, gpu: bool = False,
-        objective: tuple[str, str] = ("accuracy/average", "max"),
+        objectives: Sequence[tuple[str, str]] = ((DEFAULT_METRIC, "max"),),
     ):
-        """`searched`: the settings that name a trial's run; `gpu`: whether the trials train on GPUs; `objective`:
-        (metric, mode) by which the sweep's run names its best trial."""
+        """`searched`: the settings that name a trial's run; `gpu`: whether the trials train on GPUs; `objectives`:
+        the (metric, mode) pairs by which the sweep's run names its best trial (selection.best)."""
         self.uri, self.study, self.sweep, self.to_config = uri, study, sweep, to_config
         self.searched, self.sweep_params, self.artifact_root = list(searched), sweep_params, artifact_root
-        self.gpu, self.objective = gpu, objective
+        self.gpu, self.objectives = gpu, list(objectives)
         self._reset()
 
     def _reset(self) -> None:
@@ -267,7 +272,7 @@ class SweepTracker(tune.Callback):
         stamp, step = now_ms(), int(result["step"])
         facts = {k: cast(result[k]) for k, cast in FACTS.items() if k in result}
         numbers = [k for k, v in facts.items() if not isinstance(v, str)]
-        steps = {k: step for k in result if k in STEP_METRICS or k.startswith(ACCURACY_PREFIXES)} | dict.fromkeys(numbers, 0)
+        steps = {k: step for k in result if k in STEP_METRICS or k.startswith(EVALUATED)} | dict.fromkeys(numbers, 0)
         # A trial restarted from a checkpoint (a lost worker, a resumed sweep) reports again the steps after it: each
         # metric is logged once per step, so the run keeps one history.
         logged = self._logged_steps(run_id, trial.trial_id, list(steps))
@@ -327,7 +332,8 @@ class SweepTracker(tune.Callback):
         """Put the sweep's result so far on its run, where the UI shows it at a glance: how many trials ended how
         (metrics trials_<status>, trials_diverged, at the step of the number of trials ended), and the best finished
         trial by the objective: its objective and accuracies as metrics best/<name>, its run and searched settings as
-        tags (best_trial, best.<setting>)."""
+        tags (best_trial, best.<setting>). The best trial is chosen on the sweep's objectives (validation metrics or
+        size: selection.best); its test accuracies are shown, never used to choose."""
         trials = self._search(f"tags.`{ROLE}` = 'trial'")
         statuses = Counter(r.info.status for r in trials)
         ended = sum(n for status, n in statuses.items() if status != "RUNNING")
@@ -335,9 +341,10 @@ class SweepTracker(tune.Callback):
         counts["trials_diverged"] = sum(DIVERGED_TAG in r.data.tags for r in trials)
         stamp = now_ms()
         metrics = [Metric(k, float(v), stamp, ended) for k, v in counts.items()]
-        best = best_run(trials, *self.objective)
+        best = best_run(trials, self.objectives)
         if best is not None:
-            shown = {k: v for k, v in best.data.metrics.items() if k == self.objective[0] or k.startswith(ACCURACY_PREFIXES)}
+            objectives = {metric for metric, _ in self.objectives}
+            shown = {k: v for k, v in best.data.metrics.items() if k in objectives or k.startswith(EVALUATED)}
             metrics += [Metric(f"best/{k}", v, stamp, ended) for k, v in shown.items()]
             tags = {"best_trial": best.info.run_name, "best_run_id": best.info.run_id}
             tags |= {f"best.{k}": best.data.params[k] for k in self.searched if k in best.data.params}
@@ -429,13 +436,17 @@ class SweepTracker(tune.Callback):
                     self.client.log_artifact(run_id, str(Path(folder) / name))
 
 
-def best_run(runs: Sequence[Any], metric: str, mode: str) -> Optional[Any]:
-    """The finished run with the highest (mode max) or lowest (min) last value of `metric`; None if none has it."""
-    scored = [r for r in runs if r.info.status == "FINISHED" and metric in r.data.metrics]
-    if not scored:
-        return None
-    pick = max if mode == "max" else min
-    return pick(scored, key=lambda r: r.data.metrics[metric])
+def best_run(runs: Sequence[Any], objectives: Sequence[tuple[str, str]]) -> Optional[Any]:
+    """The trial run selection.best chooses by the last values of `objectives` ((metric, mode) pairs): finished, not
+    diverged, best on the first objective, ties broken by the next, then by the earlier trial; None if none has them."""
+    candidates = {
+        run.info.run_id: Candidate(
+            run.data.tags.get(TRIAL_ID, run.info.run_id), run.data.metrics, run.info.status, DIVERGED_TAG in run.data.tags
+        )
+        for run in runs
+    }
+    chosen = best(list(candidates.values()), objectives)
+    return next((run for run in runs if chosen is not None and candidates[run.info.run_id] is chosen), None)
 
 
 def checkpoint_at(path: str, storage_path: str) -> ray.train.Checkpoint:

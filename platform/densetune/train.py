@@ -3,7 +3,8 @@
 Read top to bottom: build the model, restore a checkpoint if Ray hands one over, then step through the data,
 reporting every few steps and checkpointing every few more, and evaluate at the end. The data arrives tokenized,
 through Ray's object store (`loop_config`: the trial's config, the tokenized rows and which of them this trial trains
-on, the evaluation sets, and when the trial started).
+on, the test split's questions, the validation set, and when the trial started). The validation set is evaluated at
+step 0, every eval_every steps and at the end; the test split at the end (and at step 0 with eval_at_start).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import random
 import resource
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -27,7 +29,6 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from peft import get_peft_model
 from transformers import get_linear_schedule_with_warmup
 
@@ -36,9 +37,9 @@ import densemod
 from . import checkpoint as ckpt
 from . import precision as mixed
 from .batching import epoch_batches, token_counts
-from .config import DIVERGED, TrialConfig
+from .config import DIVERGED, VAL_PREFIX, TrialConfig
 from .data import IGNORE_INDEX, TokenizedRows, collate
-from .evaluate import accuracy, evaluate
+from .evaluate import accuracy, answer_loss, evaluate, summed_token_loss
 from .increments import SnapshotRecorder, load_snapshots
 from .models import load_model, load_tokenizer
 
@@ -58,6 +59,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     examples: np.ndarray = loop_config["train_indices"]  # which rows this trial trains on
     lengths = rows.lengths[examples]
     eval_sets = ray.get(loop_config["eval_sets"])
+    val_sets, val_answers = ray.get(loop_config["validation"])
     steps_per_epoch = len(examples) // cfg.batch_size
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     stop = min(total_steps, cfg.stop_after_step or total_steps)
@@ -97,13 +99,18 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         "predictions": [],
     }
     log(rank, f"{report} | steps {position.step}->{stop} of {total_steps} | {world} worker(s) on {device} | {precision}")
-    evaluation = (model, tokenizer, eval_sets, cfg, rank, world, summary, functools.partial(mixed.autocast, precision, device))
+    evaluation = Evaluation(
+        model, tokenizer, cfg, rank, world, functools.partial(mixed.autocast, precision, device), eval_sets, val_sets,
+        val_answers, summary,
+    )
     startup: dict[str, float] = {}  # from run_trial to the first optimizer step, reported once
+    # What the trial's reserved devices have cost so far, reported with every metric: budgets in learning curves.
+    devices = max(1, cfg.num_workers) * (cfg.gpus_per_worker if on_gpu else cfg.cpus_per_worker)
 
     if snapshots is not None and not restored:
         snapshots.record(0, model)
-    if cfg.eval_at_start and not restored:
-        metrics = {"step": 0, **run_evaluation(*evaluation, 0), **facts}
+    if (val_sets or cfg.eval_at_start) and not restored:
+        metrics = {"step": 0, **evaluation.run(0, test=cfg.eval_at_start), **facts}
         log(rank, f"before training: {format_accuracies(metrics)}")
         ray.train.report(metrics)
     evaluated_at_end = False
@@ -137,14 +144,16 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
                 "step": step, "epoch": step / steps_per_epoch, "loss": done.task_loss,
                 "learning_rate": scheduler.get_last_lr()[0], "tokens_per_s": done.tokens / elapsed,
                 "tokens_seen": position.tokens, "padding_fraction": 1 - done.tokens / done.slots, "step_time_s": elapsed,
-                "peak_memory_mb": peak_memory_mb(on_gpu), **facts, **startup,
+                "peak_memory_mb": peak_memory_mb(on_gpu),
+                "device_seconds": (time.time() - loop_config["started_at"]) * devices, **facts, **startup,
             }
             if done.aux_loss is not None:
                 metrics["aux_loss"] = done.aux_loss
             finished = evaluated_at_end = step == total_steps
+            # the validation set at every evaluation; the test split only at the end
             evaluating = finished or bool(cfg.eval_every and step % cfg.eval_every == 0)
             if evaluating:
-                metrics.update(run_evaluation(*evaluation, step))
+                metrics.update(evaluation.run(step, test=finished))
             at_checkpoint = step == stop or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
             if at_checkpoint or evaluating or step % cfg.report_every == 0:
                 summary["history"].append(metrics)
@@ -159,7 +168,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         else:
             position = dataclasses.replace(position, epoch=position.epoch + 1, step_in_epoch=0)
     if position.step == total_steps and not evaluated_at_end:  # resumed a run that had already finished
-        metrics = {"step": position.step, **run_evaluation(*evaluation, position.step)}
+        metrics = {"step": position.step, **evaluation.run(position.step, test=True)}
         report_to_ray(metrics, model, optimizer, scheduler, position, rank, True, summary, snapshots)
     return summary
 
@@ -236,16 +245,6 @@ def train_step(
     return Step(loss, tokens, slots, loss - task if auxiliary else None)
 
 
-def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The causal LM's cross-entropy summed over the target tokens, as transformers computes it (float32 logits, each
-    position predicting the next token)."""
-    with torch.no_grad():
-        return F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
-            ignore_index=IGNORE_INDEX, reduction="sum",
-        ).item()
-
-
 def all_reduce_sum(device: torch.device, *values: float) -> tuple:
     """Each value summed over the workers; ints stay ints (float64 holds them exactly)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -255,43 +254,80 @@ def all_reduce_sum(device: torch.device, *values: float) -> tuple:
     return tuple(type(value)(total) for value, total in zip(values, tensor.tolist()))
 
 
-def run_evaluation(
-    model: Any, tokenizer: Any, eval_sets: list[tuple[str, list[dict]]], cfg: TrialConfig, rank: int, world: int,
-    summary: dict[str, Any], autocast: Callable[[], contextlib.AbstractContextManager], step: int,
-) -> dict[str, float]:
-    """Accuracy per benchmark and their average (under the text protocol also accuracy_norm), in the trial's
-    precision; on rank 0, or on every worker's share when sharded. Every evaluation's predictions are kept, with its
-    step, for paired tests."""
-    results: dict[str, float] = {}
-    predictions = []
-    for name, rows in eval_sets:
+@dataclass
+class Evaluation:
+    """What a trial evaluates, and how: the test split's questions (`test_sets`), the validation set's (`val_sets`)
+    and its answers tokenized for the loss (`val_answers`), on rank 0 or on every worker's share when sharded, in the
+    trial's precision (`autocast`). Every evaluation lands in `summary`; the test split's predictions are kept, with
+    their step, for paired tests."""
+
+    model: Any
+    tokenizer: Any
+    cfg: TrialConfig
+    rank: int
+    world: int
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    test_sets: list[tuple[str, list[dict]]]
+    val_sets: list[tuple[str, list[dict]]]
+    val_answers: TokenizedRows
+    summary: dict[str, Any]
+
+    def run(self, step: int, test: bool) -> dict[str, float]:
+        """The validation metrics (val/accuracy/*, val/loss) and, with `test`, the test split's (accuracy/*)."""
+        results = self.accuracies(self.val_sets, VAL_PREFIX) if self.val_sets else {}
+        # rows whose answers the cutoff removed have no loss to measure (inputs.load_data warned of it)
+        if self.val_sets and self.rank == 0 and self.val_answers.trainable().any():
+            with self.autocast():
+                results[f"{VAL_PREFIX}loss"] = answer_loss(
+                    self.model, self.tokenizer, self.val_answers, self.cfg.eval_batch_size
+                )
+        if test:
+            predictions: list[Any] = []
+            results.update(self.accuracies(self.test_sets, "", predictions))
+            self.summary["predictions"].extend({"step": step, **vars(p)} for p in predictions)
+        if results:
+            self.summary["evaluations"].append({"step": step, **results})
+        return results
+
+    def accuracies(
+        self, sets: list[tuple[str, list[dict]]], prefix: str, kept: Optional[list[Any]] = None
+    ) -> dict[str, float]:
+        """Accuracy per benchmark and their average (under the text protocol also accuracy_norm), named with
+        `prefix`; the predictions are added to `kept` when given."""
+        results: dict[str, float] = {}
+        for name, rows in sets:
+            found = self.predictions(name, rows)
+            if found is None:
+                continue
+            results[f"{prefix}accuracy/{name}"] = accuracy(found)
+            if self.cfg.protocol == "text":
+                results[f"{prefix}accuracy_norm/{name}"] = accuracy(found, norm=True)
+            if kept is not None:
+                kept.extend(found)
+        for kind in ("accuracy", "accuracy_norm"):
+            values = [v for k, v in results.items() if k.startswith(f"{prefix}{kind}/")]
+            if values:
+                results[f"{prefix}{kind}/average"] = sum(values) / len(values)
+        return results
+
+    def predictions(self, name: str, rows: list[dict]) -> Optional[list[Any]]:
+        """This benchmark's predictions: rank 0's, or every worker's share gathered when sharded; None on the other
+        ranks."""
+        cfg = self.cfg
         run = functools.partial(
-            evaluate, model, tokenizer, name, rows, cfg.eval_mode, cfg.max_new_tokens, cfg.eval_batch_size,
+            evaluate, self.model, self.tokenizer, name, rows, cfg.eval_mode, cfg.max_new_tokens, cfg.eval_batch_size,
             protocol=cfg.protocol,
         )
-        if cfg.eval_sharded and world > 1:
-            with autocast():
-                mine = run(shard=(rank, world), progress=rank == 0)
-            gathered: list[Any] = [None] * world
+        if cfg.eval_sharded and self.world > 1:
+            with self.autocast():
+                mine = run(shard=(self.rank, self.world), progress=self.rank == 0)
+            gathered: list[Any] = [None] * self.world
             dist.all_gather_object(gathered, mine)
-            found = sorted((p for part in gathered for p in part), key=lambda p: p.index)
-        elif rank == 0:
-            with autocast():
-                found = run(progress=True)
-        else:
-            continue
-        results[f"accuracy/{name}"] = accuracy(found)
-        if cfg.protocol == "text":
-            results[f"accuracy_norm/{name}"] = accuracy(found, norm=True)
-        predictions.extend(found)
-    if results:
-        for kind in ("accuracy", "accuracy_norm"):
-            values = [v for k, v in results.items() if k.startswith(f"{kind}/")]
-            if values:
-                results[f"{kind}/average"] = sum(values) / len(values)
-        summary["evaluations"].append({"step": step, **results})
-        summary["predictions"].extend({"step": step, **vars(p)} for p in predictions)
-    return results
+            return sorted((p for part in gathered for p in part), key=lambda p: p.index)
+        if self.rank != 0:
+            return None
+        with self.autocast():
+            return run(progress=True)
 
 
 def report_to_ray(

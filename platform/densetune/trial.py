@@ -95,6 +95,12 @@ def check_config(config: TrialConfig) -> None:
     check_non_negative("warmup_steps", config.warmup_steps, "no warm-up")
     check_non_negative("max_failures", config.max_failures, "a lost worker fails the trial")
     check_non_negative("seed", config.seed)
+    check_non_negative("val_size", config.val_size, "no validation set")
+    if config.eval_every is not None and config.val_size == 0:
+        raise ValueError(
+            f"eval_every {config.eval_every} evaluates the validation set, and val_size is 0: give val_size a number of "
+            "rows, or leave eval_every unset"
+        )
     for name in ("eval_batch_size", "max_new_tokens"):
         check_positive(name, getattr(config, name))
     check_fraction(config.data_fraction)
@@ -237,6 +243,7 @@ def run_trial(
                 "train": data.train if isinstance(data.train, ray.ObjectRef) else ray.put(data.train),
                 "train_indices": examples,
                 "eval_sets": ray.put([eval_set(config, name, rows) for name, rows in data.eval_sets]),
+                "validation": ray.put((data.val_sets, data.val_answers)),
                 "started_at": started_at,
             },
             scaling_config=ray.train.ScalingConfig(
