@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from densetune import report
 from densetune.stats import detectable_difference, mcnemar
+from densetune.tables import percent
 from densetune.tracking import ROLE, STUDY, SWEEP, TRIAL_ID
 
 T_975_2 = 4.302652729749464  # Student t, 97.5 % quantile, 2 degrees of freedom (a t table's 4.303)
@@ -34,6 +35,11 @@ TRAINED = {
 }
 UNTUNED = 10
 PARAMS = {"denselora": 1_000, "lora": 30_000}
+# (method, seed) -> validation accuracy at steps 0, 10 and 20: what the sweep chose on (val/accuracy/average)
+VALIDATION = {
+    ("denselora", 1): (0.4, 0.6, 0.80), ("denselora", 2): (0.4, 0.7, 0.84), ("denselora", 3): (0.4, 0.5, 0.82),
+    ("lora", 1): (0.4, 0.5, 0.50), ("lora", 2): (0.4, 0.5, 0.52), ("lora", 3): (0.4, 0.5, 0.54),
+}
 
 
 def gold(benchmark: str, index: int) -> str:
@@ -92,9 +98,19 @@ class Store:
         return run_id
 
 
+def validation_metrics(values: tuple[float, ...]) -> list[Metric]:
+    """The validation accuracy and loss at steps 0, 10, 20, with the tokens and device seconds spent by then."""
+    return [
+        metric for step, value in zip((0, 10, 20), values) for metric in (
+            Metric("val/accuracy/average", value, 0, step), Metric("val/loss", 2.0 - value, 0, step),
+            Metric("tokens_seen", 100.0 * step, 0, step), Metric("device_seconds", 3.0 * step, 0, step),
+        )
+    ]
+
+
 def trial_params(method: str, seed: int, **extra) -> dict:
     return {"method": method, "variant": "denselora", "rank": 8, "alpha": 16, "targets": "q,k,v,up,down",
-            "data_fraction": 1.0, "seed": seed, "eval_limit": QUESTIONS, "max_steps": 20, "protocol": "label",
+            "data_fraction": 1.0, "seed": seed, "eval_limit": QUESTIONS, "max_steps": 20, "protocol": "label", "val_size": 40,
             "trainable_params": PARAMS[method], "total_params": 1_000_000, "trainable_pct": PARAMS[method] / 1e4,
             "total_steps": 20, **extra}
 
@@ -103,18 +119,19 @@ def trial_params(method: str, seed: int, **extra) -> dict:
 def store(tmp_path_factory) -> Store:
     store = Store(tmp_path_factory.mktemp("store"))
     parent = store.parent("methods", {"method": ["denselora", "lora"], "seed": [1, 2, 3]},
-                          folder=str(store.folder / "methods"))
+                          folder=str(store.folder / "methods"), metric="val/accuracy/average", mode="max")
     untuned = {b: UNTUNED for b in BENCHMARKS}
     for number, ((method, seed), counts) in enumerate(TRAINED.items()):
         trained = dict(zip(BENCHMARKS, counts))
         metrics = [*accuracy_metrics(0, untuned), *accuracy_metrics(20, trained),
                    *(Metric("loss", 2.0 - step / 20, 0, step) for step in (5, 10, 15, 20)),
-                   Metric("wall_time_s", 30.0, 0, 20)]
+                   *validation_metrics(VALIDATION[method, seed]), Metric("wall_time_s", 30.0, 0, 20)]
         store.trial("methods", parent, f"t{number}", trial_params(method, seed), metrics,
                     predictions(0, untuned) + predictions(20, trained))
     # failed after its first evaluation, with an absurd number that must not reach any statistic
     store.trial("methods", parent, "t9", trial_params("lora", 1),
-                [*accuracy_metrics(0, untuned), *accuracy_metrics(5, {b: 0 for b in BENCHMARKS})], None, "FAILED")
+                [*accuracy_metrics(0, untuned), *accuracy_metrics(5, {b: 0 for b in BENCHMARKS}),
+                 Metric("val/accuracy/average", 0.99, 0, 5)], None, "FAILED")
     return store
 
 
@@ -196,7 +213,7 @@ def test_pairs_csv_holds_mcnemar_of_the_final_answers(written):
             assert int(pair["a_only"]) == k and float(pair["p"]) == 2 / 2**k
             assert float(pair["p_holm"]) == pytest.approx(factor * 2 / 2**k, rel=1e-12)
             # report.md shows it in points beside the verdict (b_only is 0 here: k discordant questions)
-            detectable = report.percent(detectable_difference(2 * QUESTIONS, k))
+            detectable = percent(detectable_difference(2 * QUESTIONS, k))
             assert f"| {report.significant(float(pair['p_holm']))} | {detectable} | A better |" in text
     assert "| p (Holm) | detectable (points) | verdict |" in text.split("## Pairs")[1]
 
@@ -214,7 +231,7 @@ def test_before_after_verdicts_follow_holm(written):
         # the first 2 x 10 questions are right before and after: the discordant ones are those gained in training
         discordant = sum(TRAINED[list(TRAINED)[int(cells[0][1:])]]) - 2 * UNTUNED
         resolution = detectable_difference(2 * QUESTIONS, discordant)
-        assert detectable == ("none possible" if resolution == math.inf else report.percent(resolution))
+        assert detectable == ("none possible" if resolution == math.inf else percent(resolution))
         assert (detectable == "none possible") == (method == "lora")  # LoRA gains 1, 2 and 5 questions: too few
         assert verdict == ("better" if adjusted < 0.05 else "no difference shown")
         assert verdict == ("better" if method == "denselora" else "no difference shown")
@@ -299,3 +316,50 @@ def test_a_variant_searched_as_a_method_is_its_own_configuration():
 )
 def test_denselora_without_sharing_is_its_own_method(settings, label):
     assert report.method_label(pd.Series(settings)) == label
+
+
+def test_the_report_says_which_split_chose_what_and_chooses_on_validation(written):
+    text = written.read_text()
+    section = text.split("## How choices were made")[1].split("\n## ")[0]
+    assert "`val/accuracy/average` (max)" in section and "40 rows of each training set" in section
+    # the best trial by validation (84 %: DenseLoRA seed 2), not the failed trial's 99 %, nor the best on test
+    assert "Best trial (finished trials only" in section and ": t1 (method=denselora, seed 2): val/accuracy/average 84.0 %" in section
+    test_t1 = (23 + 22) / 2 / QUESTIONS
+    assert f"its test accuracy {100 * test_t1:.1f} % is reported, not chosen on" in section
+    # the best configuration by its mean over seeds: DenseLoRA, 82 %
+    assert "Best configuration (the objectives' means over its seeds): method=denselora: val/accuracy/average 82.0 %" in section
+    # the front lists the validation accuracy it was chosen on and the test accuracy beside it
+    front = text.split("The Pareto front")[1].split("##")[0]
+    denselora = [line for line in front.splitlines() if "method=denselora" in line][0]
+    tests = [sum(TRAINED["denselora", seed]) / 2 / QUESTIONS for seed in (1, 2, 3)]
+    assert "| 82.0 |" in denselora and f"| {shown(*hand_interval(tests))} |" in denselora
+
+
+def test_learning_curves_and_the_budget_to_reach_ninety_percent_of_the_best(written):
+    text = written.read_text()
+    assert (written.parent / "learning_curves.png").read_bytes().startswith(b"\x89PNG")
+    assert "(learning_curves.png)" in text
+    # the best final mean is DenseLoRA's 82 %, the target 90 % of it: 73.8 %; DenseLoRA's mean reaches it only at
+    # step 20 (60 % at step 10), after 2,000 tokens and 60 device seconds; LoRA never does
+    budget = text.split("What each configuration took to reach")[1].split("\n\n", 2)[1]
+    assert text.split("What each configuration took to reach ")[1].startswith("73.8 % val/accuracy/average")
+    dense = [line for line in budget.splitlines() if "method=denselora" in line][0]
+    lora = [line for line in budget.splitlines() if "method=lora" in line][0]
+    assert "| 82.0 | 20 | 2,000 | 60 |" in dense and lora.endswith("| not reached | not reached | not reached |")
+
+
+def test_a_report_regenerated_replaces_the_previous_one_whole(store, tmp_path):
+    out = tmp_path / "out"
+    report.write_report("methods", store.uri, out=out)
+    parent = store.client.search_runs([store.experiment], "tags.`densetune.role` = 'sweep' and tags.sweep = 'methods'")[0]
+    # a figure the last report drew that this one will not, in the folder and in MLflow; and a file of the user's
+    (out / "rank.png").write_bytes(b"stale")
+    with (out / "report_files.txt").open("a") as manifest:
+        manifest.write("rank.png\n")
+    (out / "notes.txt").write_text("mine")
+    store.client.log_artifact(parent.info.run_id, str(out / "rank.png"), "report")
+    report.write_report("methods", store.uri, out=out)
+    assert not (out / "rank.png").exists() and (out / "notes.txt").read_text() == "mine"
+    logged = {a.path for a in store.client.list_artifacts(parent.info.run_id, "report")}
+    listed = {f"report/{name}" for name in (out / "report_files.txt").read_text().split()}
+    assert "report/rank.png" not in logged and logged == listed and "report/learning_curves.png" in logged

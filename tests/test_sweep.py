@@ -55,7 +55,7 @@ def test_a_grid_sweep_is_one_parent_run_with_one_finished_child_per_trial(local_
     assert out[3] == f"  Ray's output: {tmp_path / 'runs' / 'g' / 'sweep.log'} (-v shows it here)"
     for method in ("denselora", "freeze", "lora"):
         assert sum(line.endswith(f"method={method} started") for line in out) == 1
-        assert sum(f"method={method} finished: accuracy/average 0." in line for line in out) == 1
+        assert sum(f"method={method} finished: val/accuracy/average 0." in line for line in out) == 1
     assert out[-1].startswith("3/3 trials done · ") and out[-1].endswith("ETA 0:00")
     assert not [line for line in out if "Trial status" in line or "╭" in line or "Traceback" in line]
     log = (tmp_path / "runs" / "g" / "sweep.log").read_text()
@@ -110,11 +110,17 @@ def test_a_grid_sweep_is_one_parent_run_with_one_finished_child_per_trial(local_
     # the sweep's run holds its result: trials by status, the best trial's accuracies and settings, the summary table
     parent = client.get_run(parents[0].info.run_id)
     assert parent.data.metrics["trials_finished"] == 3 and parent.data.metrics["trials_failed"] == 0
-    best = max(children, key=lambda c: c.data.metrics["accuracy/average"])
-    assert parent.data.metrics["best/accuracy/average"] == best.data.metrics["accuracy/average"]
-    assert parent.data.metrics["best/accuracy/synthetic"] == best.data.metrics["accuracy/synthetic"]
-    assert parent.data.tags["best.method"] in ("denselora", "freeze", "lora")
-    assert client.get_run(parent.data.tags["best_run_id"]).data.metrics["accuracy/average"] == best.data.metrics["accuracy/average"]
+    # the best trial: the highest validation accuracy, ties to the earlier trial; its test accuracy shown beside it
+    best = min(children, key=lambda c: (-c.data.metrics["val/accuracy/average"], c.data.tags["ray.trial_id"]))
+    assert parent.data.tags["best_run_id"] == best.info.run_id and parent.data.tags["best_trial"] == best.info.run_name
+    assert parent.data.tags["best.method"] == best.data.params["method"]
+    for name in ("val/accuracy/average", "val/accuracy/synthetic", "accuracy/average", "accuracy/synthetic"):
+        assert parent.data.metrics[f"best/{name}"] == best.data.metrics[name]
+    # the validation set at step 0 and at the end, the test split too (eval_at_start): every trial the same questions
+    for child in children:
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val/accuracy/average")] == [0, 4]
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "accuracy/average")] == [0, 4]
+        assert 0 < child.data.metrics["val/loss"] and child.data.params["val_size"] == "8"
     assert {"summary.csv", "summary.md"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     table = result.table
     assert sorted(zip(table["method"], table["variant"])) == methods and set(table["status"]) == {"FINISHED"}
@@ -160,26 +166,46 @@ def test_asha_stops_the_worse_trial_and_its_run_ends_killed(local_ray, tmp_path)
     assert parents[0].info.status == "FINISHED"
 
 
-def test_optuna_searches_two_objectives_from_the_listed_values(local_ray, tmp_path):
+def test_optuna_and_asha_choose_on_validation_and_never_see_a_test_metric(local_ray, tmp_path, monkeypatch):
+    # Tune's searcher and scheduler run in this process (the sweep's driver): record every result they are shown
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    seen: list[str] = []
+    for cls in (ASHAScheduler, OptunaSearch):
+        for hook in ("on_trial_result", "on_trial_complete"):
+            original = getattr(cls, hook)
+
+            def recording(self, *args, original=original, **kwargs):
+                result = kwargs.get("result", args[-1] if args else None)
+                seen.extend(result or {})
+                return original(self, *args, **kwargs)
+
+            monkeypatch.setattr(cls, hook, recording)
     space = {"rank": [2, 4, 8], "seed": [1, 2]}
     sweep = SweepConfig(
-        "optuna_study", space, trial(tmp_path), name="o", search="optuna", num_samples=2,
-        metric=["accuracy/average", "trainable_params"], mode=["max", "min"],
+        "optuna_study", space, trial(tmp_path, eval_every=2), name="o", search="optuna", num_samples=2,
+        scheduler="asha", grace_period=2, metric=["val/accuracy/average", "trainable_params"], mode=["max", "min"],
     )
     result = run_sweep(sweep)
 
+    # they saw the validation metrics, and no test metric at any point
+    assert "val/accuracy/average" in seen and "val/loss" in seen
+    assert not [name for name in seen if name.startswith(("accuracy/", "accuracy_norm/"))]
     trials = result.trials
-    assert len(trials) == 2 and set(trials["status"]) == {"FINISHED"}
+    assert len(trials) == 2 and set(trials["status"]) <= {"FINISHED", "KILLED"}
     assert set(trials["rank"]) <= {2, 4, 8} and set(trials["seed"]) <= {1, 2}
-    # Optuna's own record: each trial told as (accuracy, trainable parameters), in the two directions asked for
+    # Optuna's own record: each finished trial told as (validation accuracy, trainable parameters), in the two
+    # directions asked for
     searcher = OptunaOnEvaluations()
     searcher.restore_from_dir(result.path)
     study = searcher._ot_study
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
-    told = sorted(tuple(t.values) for t in study.trials)
-    assert told == sorted(zip(trials["accuracy/average"], trials["trainable_params"].astype(float)))
+    told = sorted(tuple(t.values) for t in study.trials if t.values)
+    finished = trials[trials["status"] == "FINISHED"]
+    assert told == sorted(zip(finished["val/accuracy/average"], finished["trainable_params"].astype(float)))
     parent = MlflowClient(result.tracking_uri).get_run(result.run_id).data.params
-    assert (parent["metric"], parent["mode"]) == ("accuracy/average,trainable_params", "max,min")
+    assert (parent["metric"], parent["mode"]) == ("val/accuracy/average,trainable_params", "max,min")
 
 
 def test_the_hybrid_and_denselora_without_sharing_are_searched_values(local_ray, tmp_path):
@@ -291,6 +317,12 @@ def test_a_sweep_whose_trials_all_fail_is_a_failed_run_with_its_error_files(loca
         (dict(space={"targets": ["qkv", "q,x_proj"]}), r"x_proj"),
         (dict(space={"variant": ["freeze"], "method": ["lora"]}), r"trial variant=freeze method=lora: variant 'freeze' applies"),
         (dict(search="bayes"), r"search must be one of"),
+        (dict(metric="accuracy/average"), r"^metric 'accuracy/average' is measured on the test split, which is reported "
+                                          r"and never chosen on: use val/accuracy/average \(the validation set"),
+        (dict(metric=["trainable_params", "accuracy_norm/ARC-Easy"], mode=["min", "max"], search="optuna"),
+         r"^metric 'accuracy_norm/ARC-Easy' is measured on the test split"),
+        (dict(trial=dict(val_size=0)), r"^metric 'val/accuracy/average' is measured on the validation set, and "
+                                       r"val_size is 0: give val_size a number of rows$"),
         # cutoff_len 8 leaves no answer token in any example
         (dict(trial=dict(cutoff_len=8)), r"0 trainable training rows make no batch of batch_size 4"),
         (dict(trial=dict(num_workers=0)), r"num_workers 0 runs a trial in the process that starts it"),

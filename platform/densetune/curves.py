@@ -25,6 +25,7 @@ from matplotlib import rcParams
 from matplotlib.figure import Figure  # not pyplot: no display backend on the machines sweeps run on
 from mlflow import MlflowClient
 
+from .tables import count, markdown_table, percent
 from .tracking import DEVICE_SECONDS
 
 TOKENS = "tokens_seen"
@@ -134,8 +135,6 @@ def budget_table(curves: pd.DataFrame, share: float = 0.9) -> pd.DataFrame:
 def budget_lines(table: pd.DataFrame, metric: str, share: float = 0.9) -> list[str]:
     """`budget_table` as the report's markdown: a sentence on the target and a table, "not reached" where a
     configuration never reached it."""
-    from .report import count, markdown_table, percent  # here: report imports this module
-
     if table.empty:
         return []
     target = table["target"].iloc[0]
@@ -155,7 +154,7 @@ def budget_lines(table: pd.DataFrame, metric: str, share: float = 0.9) -> list[s
 
 
 def save(figure: Figure, path: Path) -> Path:
-    """As report.save (which cannot be imported here: report imports this module)."""
+    """Write `figure` to `path` as PNG, the one way every figure of a report is saved."""
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)

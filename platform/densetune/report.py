@@ -25,9 +25,16 @@ import pandas as pd
 from matplotlib.figure import Figure  # not pyplot: no display backend on the machines sweeps run on
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Run
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-from .config import DENSELORA_METHODS
-from .stats import McNemar, detectable_difference, holm, majority_baseline, mcnemar, mean_interval
+from .config import DEFAULT_METRIC, DENSELORA_METHODS
+from .curves import (
+    budget_lines, budget_table, curve_points, learning_curves_caption, learning_curves_figure, loss_caption, loss_figure,
+    mean_curves, metric_histories, save,
+)
+from .selection import Candidate, best, is_test_metric
+from .stats import McNemar, detectable_difference, holm, interval, majority_baseline, mcnemar
+from .tables import count, markdown_table, percent, percent_interval, significant
 from .tracking import DEVICE_SECONDS, PREDICTIONS, ROLE, SNAPSHOTS, SWEEP, experiment_ids, store_uri, sweep_runs
 
 FINISHED = "FINISHED"
@@ -35,39 +42,15 @@ AVERAGE = "average"
 ALPHA = 0.05  # a difference is called one where the Holm-adjusted p is below this
 FAMILIES = ("accuracy", "accuracy_norm")  # accuracy_norm: the text protocol's length-normalised pick
 NO_DIFFERENCE = "no difference shown"
+VAL_LOSS = "val/loss"
+MANIFEST = "report_files.txt"  # what the last report wrote into its folder: removed when it is regenerated
+REPORT_ARTIFACTS = "report"  # the sweep's run keeps the report's files under this artifact path
+BUDGET_SHARE = 0.9  # the learning curves' budget table: steps, tokens and seconds to 90 % of the best final accuracy
 # Columns every trial row has, as nan where the store lacks them (a trial that failed before its first report)
 TRIAL_COLUMNS = ("seed", "method", "variant", "share_scope", "protocol", "trainable_params", "trainable_pct", "loss", "wall_time_s")
 PAIR_COLUMNS = ("trial_a", "trial_b", "configuration_a", "configuration_b", "seed_a", "seed_b", "same_seed",
                 "same_configuration")
 Key = tuple[str, int]  # a question: (benchmark, its index in the benchmark's full test list)
-
-
-def plot_metric(
-    trials: pd.DataFrame, tracking_uri: str, searched: Sequence[str], path: Path, metric: str = "loss"
-) -> Path:
-    """`metric` against the optimizer step, one curve per configuration of `trials` (a sweep_runs frame; its searched
-    settings but the seed): the mean over its seeds with their range shaded, or the one trial's own curve."""
-    client = MlflowClient(tracking_uri)
-    keys = [k for k in searched if k != "seed" and k in trials]
-    figure = Figure(figsize=(7, 4.5))
-    axes = figure.subplots()
-    for label, group in (trials.groupby(keys, sort=True) if keys else [((), trials)]):
-        curves = pd.DataFrame({
-            run_id: pd.Series({m.step: m.value for m in client.get_metric_history(run_id, metric)})
-            for run_id in group["run_id"]
-        }).sort_index().dropna()  # the steps every seed logged
-        if curves.empty:
-            continue
-        values = label if isinstance(label, tuple) else (label,)
-        name = " ".join(f"{k}={v}" for k, v in zip(keys, values)) or str(group["trial_id"].iloc[0])
-        line = axes.plot(curves.index, curves.mean(axis=1), marker=".", label=f"{name} ({len(group)} trials)")
-        if len(group) > 1:
-            axes.fill_between(curves.index, curves.min(axis=1), curves.max(axis=1), alpha=0.15,
-                              color=line[0].get_color())
-    axes.set(xlabel="optimizer step", ylabel=metric, title=f"{metric}: mean over seeds, their range shaded")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
-    return save(figure, path)
 
 
 # What the store holds
@@ -94,6 +77,19 @@ class SweepRecord:
     metrics: list[str]  # accuracy/<benchmark>, accuracy/average, and accuracy_norm/... under the text protocol
     answers: dict[str, Answers]  # run id -> its predictions, for the finished trials that logged them
     snapshots: list[str]  # run ids of the finished trials that logged increment snapshots
+
+    @property
+    def objectives(self) -> list[tuple[str, str]]:
+        """(metric, mode) of each objective the sweep chose on, as its run recorded them."""
+        params = self.parent.data.params
+        metrics, modes = params.get("metric", DEFAULT_METRIC).split(","), params.get("mode", "max").split(",")
+        return list(zip(metrics, modes))
+
+    @property
+    def validation(self) -> Optional[str]:
+        """The validation accuracy the trials logged (val/accuracy/average), or None for a sweep without a validation
+        set: then nothing in the report is chosen."""
+        return DEFAULT_METRIC if DEFAULT_METRIC in self.trials else None
 
     @property
     def configuration_keys(self) -> list[str]:
@@ -131,7 +127,7 @@ def load_sweep(sweep: str, tracking_uri: str, study: Optional[str], downloads: P
         trials = trials.assign(
             configuration=[configuration(row, [k for k in searched if k != "seed"]) for _, row in trials.iterrows()],
             label=[method_label(row) for _, row in trials.iterrows()],
-        ).join(evaluations(client, trials, metrics))
+        ).join(evaluations(client, trials, [*metrics, *([DEFAULT_METRIC] if DEFAULT_METRIC in trials else [])]))
     finished = trials[trials["status"] == FINISHED]["run_id"] if not trials.empty else []
     artifacts = {run_id: {a.path for a in client.list_artifacts(run_id)} for run_id in finished}
     answers = {
@@ -208,12 +204,6 @@ def questions(records: list[dict], step: int) -> dict[Key, dict]:
 
 
 # Statistics
-
-
-def interval(values: pd.Series) -> tuple[float, float]:
-    """mean_interval of the values present; (nan, nan) when there are none."""
-    values = values.dropna()
-    return mean_interval(values.tolist()) if len(values) else (math.nan, math.nan)
 
 
 def gain(trials: pd.DataFrame, metric: str) -> pd.Series:
@@ -294,7 +284,8 @@ def majority(answers: Answers, benchmark: str) -> tuple[str, float]:
 
 
 def configuration_means(finished: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Per configuration: its label, mean trainable parameters and the mean trained `metric`."""
+    """Per configuration: its label, mean trainable parameters and the mean trained `metric` (for the Pareto front:
+    the validation accuracy)."""
     groups = finished.groupby("configuration", sort=False)
     return pd.DataFrame({
         "label": groups["label"].first(), "trainable_params": groups["trainable_params"].mean(),
@@ -307,31 +298,6 @@ def pareto_front(means: pd.DataFrame) -> pd.DataFrame:
     ordered = means.sort_values(["trainable_params", "accuracy"], ascending=[True, False])
     best_before = ordered["accuracy"].cummax().shift(fill_value=-math.inf)
     return ordered[ordered["accuracy"] > best_before]
-
-
-# Formatting
-
-
-def percent(value: float) -> str:
-    return "n/a" if pd.isna(value) else f"{100 * value:.1f}"
-
-
-def percent_interval(mean: float, half_width: float) -> str:
-    return "n/a" if pd.isna(mean) else f"{percent(mean)} ± {percent(half_width)}"
-
-
-def count(value: Any) -> str:
-    return "n/a" if pd.isna(value) else f"{int(round(value)):,}"
-
-
-def significant(value: Any) -> str:
-    return "n/a" if pd.isna(value) else f"{value:.3g}"
-
-
-def markdown_table(frame: pd.DataFrame) -> list[str]:
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
-    return lines
 
 
 def figure_lines(name: str, caption: str) -> list[str]:
@@ -370,6 +336,60 @@ def how_to_read() -> list[str]:
         "unshown says little, and \"none possible\" means too few discordant questions for any difference to show. "
         "The majority baseline is the accuracy of always giving a benchmark's most frequent gold answer.", "",
     ]
+
+
+def choices_section(record: SweepRecord) -> list[str]:
+    """Which split chose what: the objectives, what the searcher and scheduler saw, the best trial and configuration
+    (selection.best on the objectives' last values, and on their means over seeds), and where the front is drawn."""
+    params, objectives = record.parent.data.params, record.objectives
+    named = ", ".join(f"`{metric}` ({mode})" for metric, mode in objectives)
+    lines = ["## How choices were made", ""]
+    if any(is_test_metric(metric) for metric, _ in objectives):
+        lines += [f"- This sweep chose on {named}, **the test split**: it ran before the platform held out a validation "
+                  "set. Its search, pruning and best trial read test accuracy, which overstates them; the Pareto front "
+                  "is not drawn.", ""]
+        return lines
+    if record.validation is None:
+        return [*lines, f"- The sweep's objectives are {named}, but no trial logged a validation metric: nothing in "
+                        "this report was chosen, and the Pareto front is not drawn.", ""]
+    sizes = sorted(set(record.trials["val_size"].dropna().astype(int))) if "val_size" in record.trials else []
+    held = f"{', '.join(map(str, sizes))} rows of each training set" if sizes else "rows of the training sets"
+    lines.append(
+        f"- Objective{'s' if len(objectives) > 1 else ''}: {named}; `val/...` is the validation set ({held}, held out "
+        "from the training rows: the same for every trial and seed, never trained on). The searcher "
+        f"({params.get('search', 'grid')}) and the scheduler ({params.get('scheduler', 'fifo')}) were shown every "
+        "result without its test-split metrics."
+    )
+    finished = record.finished
+    trial = best([candidate(row, row["trial_id"], objectives) for _, row in finished.iterrows()], objectives)
+    if trial is not None:
+        row = finished[finished["trial_id"] == trial.key].iloc[0]
+        lines.append(f"- Best trial (finished trials only; ties go to the next objective, then the earlier trial): "
+                     f"{trial.key} ({row['configuration']}, seed {row['seed']}): {objective_values(trial, objectives)}; "
+                     f"its test accuracy {percent(row.get(f'accuracy/{AVERAGE}'))} % is reported, not chosen on.")
+    means = finished.groupby("configuration")[[m for m, _ in objectives if m in finished]].mean()
+    chosen = best([candidate(row, name, objectives) for name, row in means.iterrows()], objectives)
+    if chosen is not None and finished["configuration"].nunique() > 1:
+        tested = finished.loc[finished["configuration"] == chosen.key, f"accuracy/{AVERAGE}"] \
+            if f"accuracy/{AVERAGE}" in finished else pd.Series(dtype=float)
+        lines.append(f"- Best configuration (the objectives' means over its seeds): {chosen.key}: "
+                     f"{objective_values(chosen, objectives)}; its test accuracy {percent_interval(*interval(tested))} "
+                     "% is reported, not chosen on.")
+    lines += ["- The front of accuracy against size (Figures) is drawn on the validation accuracy. Every other accuracy "
+              "in this report (untuned, trained, gains, pairs, methods) is the test split's, reported only: none chose "
+              "anything.", ""]
+    return lines
+
+
+def candidate(row: pd.Series, key: str, objectives: Sequence[tuple[str, str]]) -> Candidate:
+    return Candidate(str(key), {m: float(row[m]) for m, _ in objectives if m in row and pd.notna(row[m])})
+
+
+def objective_values(chosen: Candidate, objectives: Sequence[tuple[str, str]]) -> str:
+    return ", ".join(
+        f"{m} {percent(chosen.metrics[m])} %" if "accuracy" in m else f"{m} {significant(chosen.metrics[m])}"
+        for m, _ in objectives
+    )
 
 
 def trials_section(record: SweepRecord) -> list[str]:
@@ -518,19 +538,15 @@ def distinct(trials: pd.DataFrame, column: str) -> int:
 # Figures
 
 
-def save(figure: Figure, path: Path) -> Path:
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    return path
-
-
 def baselines(record: SweepRecord, points: pd.DataFrame, metric: str) -> dict[str, float]:
     """What a figure's accuracies are to be read against: the untuned model (its mean over the trials that evaluated it)
-    and always giving the majority answer (every trial answers the same questions)."""
+    and, for the test split, always giving the majority answer (every trial answers the same questions; the answers
+    kept are the test split's)."""
     lines = {}
     if f"untuned_{metric}" in points and points[f"untuned_{metric}"].notna().any():
         lines["untuned model"] = float(points[f"untuned_{metric}"].mean())
+    if not is_test_metric(metric):
+        return lines
     answers = next((record.answers[r] for r in points["run_id"] if r in record.answers), None)
     if answers is not None and answers.trained:
         lines["majority answer"] = majority(answers, AVERAGE)[1]
@@ -615,7 +631,7 @@ def draw_figures(record: SweepRecord, folder: Path, downloads: Path) -> Figures:
         points = finished.iloc[:0]
     figures = Figures([], [], [])
     reference = baselines(record, points, metric) if not points.empty else {}
-    pareto_part(points, metric, folder, figures, reference)
+    pareto_part(record, folder, figures)
     for dimension, paper, parameters in (("rank", "Figure 4", True), ("data_fraction", "Figure 3", False)):
         name = f"{dimension}.png"
         if distinct(points, dimension) < 2:
@@ -623,46 +639,71 @@ def draw_figures(record: SweepRecord, folder: Path, downloads: Path) -> Figures:
                                  "trials with an accuracy.")
             continue
         figures.paths.append(dimension_figure(points, dimension, metric, folder / name, parameters, reference))
-        caption = (f"{metric} after training against {dimension} (the paper's {paper}), one line per method, mean "
-                   "± 95 % interval over the trials at each value; grey: the untuned model and the majority answer")
+        caption = (f"{metric} (test split) after training against {dimension} (the paper's {paper}), one line per "
+                   "method, mean ± 95 % interval over the trials at each value; grey: the untuned model and the "
+                   "majority answer")
         caption += ", trainable parameters dashed" if parameters else ""
         figures.lines += figure_lines(name, caption)
-    loss_part(record, folder, figures)
+    curves_part(record, folder, figures)
     increments_part(record, folder, downloads, figures)
     return figures
 
 
-def pareto_part(
-    points: pd.DataFrame, metric: str, folder: Path, figures: Figures, reference: dict[str, float]
-) -> None:
+def pareto_part(record: SweepRecord, folder: Path, figures: Figures) -> None:
+    """The Pareto front, chosen on the validation accuracy (mean over seeds) against trainable parameters; the
+    front's test accuracy is listed beside it, as a report."""
+    metric, test = record.validation, f"accuracy/{AVERAGE}"
+    finished = record.finished
+    points = finished.dropna(subset=[f"trained_{metric}", "trainable_params"]) if metric else finished.iloc[:0]
     if points.empty:
-        figures.notes.append("- `pareto.png`: not drawn, no finished trial has both an accuracy and a parameter count.")
+        why = "no finished trial has a validation accuracy" if metric is None else \
+            "no finished trial has both a validation accuracy and a parameter count"
+        figures.notes.append(f"- `pareto.png`: not drawn, {why} (the front is chosen on validation, never on test).")
         return
     front = pareto_front(configuration_means(points, metric))
-    figures.paths.append(pareto_figure(points, front, metric, folder / "pareto.png", reference))
+    figures.paths.append(pareto_figure(points, front, metric, folder / "pareto.png", baselines(record, points, metric)))
+    figures.lines += ["### Accuracy against size", ""]
     figures.lines += figure_lines(
-        "pareto.png", f"{metric} after training against trainable parameters (log scale), one point per finished "
-                      "trial coloured by method; the step line joins the configurations (means over seeds) that no "
-                      "smaller configuration beats; grey: the untuned model and the majority answer",
+        "pareto.png", f"{metric} (the validation set) after training against trainable parameters (log scale), one "
+                      "point per finished trial coloured by method; the step line joins the configurations (means over "
+                      "seeds) that no smaller configuration beats; grey: the untuned model",
     )
+    tested = points.groupby("configuration")[f"trained_{test}"] if f"trained_{test}" in points else None
     listed = pd.DataFrame({
         "configuration": front.index, "method": front["label"],
-        "trainable params": front["trainable_params"].map(count), "accuracy": front["accuracy"].map(percent),
+        "trainable params": front["trainable_params"].map(count), "validation": front["accuracy"].map(percent),
+        "test (reported)": [percent_interval(*interval(tested.get_group(c))) if tested is not None else "n/a"
+                            for c in front.index],
     })
-    figures.lines += ["The Pareto front (the paper's Table 1 question: the most accuracy for the fewest parameters):",
-                      "", *markdown_table(listed), ""]
+    figures.lines += ["The Pareto front (the paper's Table 1 question: the most accuracy for the fewest parameters), "
+                      "chosen on the validation set; the test split's accuracy (mean ± 95 % interval over seeds) is "
+                      "reported beside it:", "", *markdown_table(listed), ""]
 
 
-def loss_part(record: SweepRecord, folder: Path, figures: Figures) -> None:
+def curves_part(record: SweepRecord, folder: Path, figures: Figures) -> None:
+    """The learning curves (the validation accuracy against steps, tokens and device seconds), the budget each
+    configuration needed, and the training loss, smoothed, beside the validation loss."""
     finished = record.finished
-    if "loss" not in finished or finished["loss"].isna().all():
+    client = MlflowClient(record.tracking_uri)
+    wanted = ["loss", VAL_LOSS, "tokens_seen", DEVICE_SECONDS, *([record.validation] if record.validation else [])]
+    histories = metric_histories(client, list(finished["run_id"]), wanted)
+    if record.validation and histories[histories["metric"] == record.validation]["step"].nunique() > 1:
+        figures.lines += ["### Learning curves", ""]
+        curves = mean_curves(curve_points(histories, finished, record.validation))
+        reference = baselines(record, finished, record.validation)
+        figures.paths.append(learning_curves_figure(curves, folder / "learning_curves.png", record.validation, reference))
+        figures.lines += figure_lines("learning_curves.png", learning_curves_caption(record.validation, reference))
+        figures.lines += budget_lines(budget_table(curves, BUDGET_SHARE), record.validation, BUDGET_SHARE)
+    else:
+        figures.notes.append("- `learning_curves.png`: not drawn, no finished trial evaluated its validation set at "
+                             "more than one step.")
+    if (histories["metric"] == "loss").any():
+        validation = bool((histories["metric"] == VAL_LOSS).any())
+        figures.lines += ["### Loss", ""]
+        figures.paths.append(loss_figure(histories, finished, folder / "loss.png"))
+        figures.lines += figure_lines("loss.png", loss_caption(validation=validation))
+    else:
         figures.notes.append("- `loss.png`: not drawn, no finished trial logged a loss.")
-        return
-    figures.paths.append(plot_metric(finished, record.tracking_uri, record.searched, folder / "loss.png"))
-    figures.lines += figure_lines(
-        "loss.png", "training loss against the optimizer step, one curve per configuration: the mean over its finished "
-                    "trials (seeds), their range shaded",
-    )
 
 
 def increments_part(record: SweepRecord, folder: Path, downloads: Path, figures: Figures) -> None:
@@ -732,7 +773,8 @@ def report_lines(record: SweepRecord, command: str, folder: Path, downloads: Pat
         return [*lines, "No trial finished: there is nothing to compare.", "", *how_to_read()], []
     tables, notes = dimension_sections(record)
     figures = draw_figures(record, folder, downloads)
-    lines += [*configurations_section(record), *before_after_section(record), *pairs_section(pair_table),
+    lines += [*choices_section(record), *configurations_section(record), *before_after_section(record),
+              *pairs_section(pair_table),
               *method_section(record), *tables, "## Figures", "", *figures.lines]
     if notes or figures.notes:
         lines += ["Left out:", "", *notes, *figures.notes, ""]
@@ -741,24 +783,41 @@ def report_lines(record: SweepRecord, command: str, folder: Path, downloads: Pat
 
 def write_report(sweep: str, tracking_uri: str, study: str | None = None, out: str | Path | None = None) -> Path:
     """Write report.md, trials.csv, pairs.csv and the figures of `sweep` into `out` (default: the sweep's folder),
-    log them to the sweep's run under report/, and return the path of report.md."""
+    log them to the sweep's run under report/, and return the path of report.md.
+
+    A report regenerated replaces the previous one whole: the files the last report listed in its folder's
+    report_files.txt are removed first, and so is the sweep's report/ in MLflow, so no stale figure survives."""
     with tempfile.TemporaryDirectory() as tmp:
         record = load_sweep(sweep, tracking_uri, study, Path(tmp))
         folder = output_folder(record, out)
         folder.mkdir(parents=True, exist_ok=True)
+        remove_previous_report(folder)
         command = f"python -m densetune.report {sweep} --tracking-uri {tracking_uri}" + (
             f" --study {study}" if study else "") + (f" --out {out}" if out is not None else "")
         pair_table = pairs(record)
         lines, figures = report_lines(record, command, folder, Path(tmp), pair_table)
-    written = [
-        write_csv(trials_csv(record), folder / "trials.csv"), write_csv(pair_table, folder / "pairs.csv"), *figures,
-    ]
     report = folder / "report.md"
     report.write_text("\n".join(lines))
+    written = [
+        report, write_csv(trials_csv(record), folder / "trials.csv"), write_csv(pair_table, folder / "pairs.csv"),
+        *figures,
+    ]
+    (folder / MANIFEST).write_text("".join(f"{path.name}\n" for path in written))
+    run = record.parent.info
+    get_artifact_repository(run.artifact_uri).delete_artifacts(REPORT_ARTIFACTS)
     client = MlflowClient(tracking_uri)
-    for path in [report, *written]:
-        client.log_artifact(record.parent.info.run_id, str(path), "report")
+    for path in written:
+        client.log_artifact(run.run_id, str(path), REPORT_ARTIFACTS)
     return report
+
+
+def remove_previous_report(folder: Path) -> None:
+    """Remove the files the folder's last report wrote, as its manifest lists them; nothing else in the folder."""
+    manifest = folder / MANIFEST
+    if manifest.exists():
+        for name in manifest.read_text().split():
+            (folder / name).unlink(missing_ok=True)
+        manifest.unlink()
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> Path:

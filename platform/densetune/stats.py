@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 from scipy import stats
 
 
@@ -114,3 +115,9 @@ def majority_baseline(golds: Sequence[str]) -> tuple[str, float]:
         raise ValueError("majority_baseline needs at least one gold answer")
     answer, count = Counter(golds).most_common(1)[0]
     return answer, count / len(golds)
+
+
+def interval(values: pd.Series) -> tuple[float, float]:
+    """mean_interval of the values present; (nan, nan) when there are none."""
+    values = values.dropna()
+    return mean_interval(values.tolist()) if len(values) else (math.nan, math.nan)

@@ -10,8 +10,9 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from .report import interval, markdown_table, percent_interval
 from .config import DEFAULT_METRIC, TEST_PREFIXES
+from .stats import interval
+from .tables import markdown_table, percent_interval
 from .tracking import DEVICE_SECONDS
 
 # What a trial cost: the devices it reserved times its wall time, and the tokens it trained on.
