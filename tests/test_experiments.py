@@ -1,5 +1,6 @@
 """The scripts in experiments/: valid studies, the shared flags, and a sweep resumed after its driver was killed."""
 
+import dataclasses
 import importlib.util
 import os
 import signal
@@ -11,8 +12,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from densetune.experiment import main, parser, sweep_config
+from densetune.experiment import main, parser, sweep_config, tuning_of
 from densetune.sweep import check_sweep, tune_config
+from densetune.tuning import check_tuning
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = sorted(p for p in (ROOT / "experiments").glob("*_*.py") if p.name != "parameter_budget.py")
@@ -25,9 +27,10 @@ def load(path: Path):
     return module
 
 
-def test_the_six_studies_exist():
+def test_the_seven_studies_exist():
     assert [p.stem for p in STUDIES] == [
-        "data_fraction_sweep", "method_comparison", "module_sweep", "pareto_search", "rank_sweep", "variant_ablation",
+        "data_fraction_sweep", "method_comparison", "module_sweep", "pareto_search", "rank_sweep", "tuned_comparison",
+        "variant_ablation",
     ]
 
 
@@ -61,8 +64,11 @@ def test_each_study_is_valid_as_shipped_and_as_smoke(path):
     module = load(path)
     assert module.__doc__.splitlines()[0].strip()  # which study it is
     for argv in ([], ["--smoke"]):
-        sweep = sweep_config(module.STUDY, parser(module.STUDY, module.__doc__).parse_args(argv))
+        args = parser(module.STUDY, module.__doc__).parse_args(argv)
+        sweep = sweep_config(module.STUDY, args)
         check_sweep(sweep)  # every combination of the space, and each adapter against the model's architecture
+        if tuning_of(args) is not None:
+            check_tuning(sweep, tuning_of(args))  # every trial of both phases, at every value tuned
         assert sweep.study == module.STUDY.name
     assert sweep.trial.model == "tiny-llama"
 
@@ -264,5 +270,31 @@ def test_the_estimate_adds_up_the_measured_parts():
                          eval_every=25, num_workers=2, batch_size=8)
     measured = Measured("cpu", "float32", load_s=2.0, step_s=1.5, question_s=0.1)
     parts = trial_seconds(config, load_data(config), measured)
-    # 60 steps of 1.5 s on two workers; evaluations before training, at steps 25 and 50 and at the end: 4 x 200 questions
-    assert parts == pytest.approx({"start": RAY_TRAIN_START_S, "load": 2.0, "train": 45.0, "evaluate": 80.0})
+    # 60 steps of 1.5 s on two workers; the 200 validation questions at steps 0, 25, 50 and 60, the 200 test
+    # questions before training and at the end: 1,200 questions of 0.1 s
+    assert parts == pytest.approx({"start": RAY_TRAIN_START_S, "load": 2.0, "train": 45.0, "evaluate": 120.0})
+    tuning = dataclasses.replace(config, evaluate_test=False, val_size=100, eval_every=None)
+    assert trial_seconds(tuning, load_data(tuning), measured)["evaluate"] == pytest.approx(2 * 100 * 0.1)
+
+
+def test_the_tuned_comparison_compares_lora_at_denselora_s_parameter_count_by_the_exact_formulas():
+    from densemod.accounting import denselora_trainable, lora_trainable
+    from densemod.accounting import LayerShape
+
+    study = load(ROOT / "experiments" / "tuned_comparison.py").STUDY
+    sweep = sweep_config(study, parser(study, "").parse_args([]))
+    # SmolLM2-135M, q, k, v, up, down of 30 layers: (576 + 576), (576 + 192) twice, (576 + 1536) twice per layer
+    shapes = [LayerShape(f"{i}.{kind}", n_in, n_out) for i in range(30) for kind, n_in, n_out in (
+        ("q_proj", 576, 576), ("k_proj", 576, 192), ("v_proj", 576, 192), ("up_proj", 576, 1536),
+        ("down_proj", 1536, 576))]
+    dense = denselora_trainable(shapes, 32)
+    assert dense == 374_784  # the figure docs/RESULTS.md reports for DenseLoRA r = 32
+    nearest = min(range(1, 65), key=lambda r: abs(lora_trainable(shapes, r) - dense))
+    assert nearest == 2 and lora_trainable(shapes, 2) == 414_720
+    configurations = [{k: v for k, v in p.items() if k != "seed"} for p in sweep.points]
+    assert configurations[::3] == [{"method": "denselora", "rank": 32}, {"method": "lora", "rank": 32},
+                                   {"method": "lora", "rank": 2}]
+    assert [p["seed"] for p in sweep.points] == [42, 43, 44] * 3
+    tuning = tuning_of(parser(study, "").parse_args([]))
+    assert (tuning.setting, tuning.values, tuning.extend) == ("lr", (1e-4, 3e-4, 1e-3, 3e-3), 2)
+    assert (sweep.trial.max_steps, sweep.scheduler) == (3 * 60, "asha")  # three times the default study's steps

@@ -40,6 +40,7 @@ DIVERGED = "diverged_at_step"
 VAL_PREFIX = "val/"  # val/accuracy/<benchmark>, val/accuracy/average, val/accuracy_norm/..., val/loss
 TEST_PREFIXES = ("accuracy/", "accuracy_norm/")  # per benchmark and average; accuracy_norm: the text protocol
 DEFAULT_METRIC = "val/accuracy/average"
+POINT = "point"  # a sweep of explicit points (SweepConfig.points) searches this one Tune parameter, a dict each
 
 
 def setting(default: Any, text: str, choices: tuple[str, ...] = (), unset: Optional[str] = None) -> Any:
@@ -149,6 +150,10 @@ class TrialConfig:
         None, "optimizer steps between evaluations of the validation set (the test split is evaluated at the end only)",
         unset="only at step 0 and at the end",
     )
+    evaluate_test: bool = setting(
+        True, "evaluate the test split at the end (and at step 0 with eval_at_start); --tune's tuning phase turns it "
+        "off: it chooses on the validation set",
+    )
     eval_at_start: bool = setting(
         False, "also evaluate the test split before the first step: the base model, for DenseLoRA and LoRA (the "
         "validation set always is)",
@@ -214,6 +219,10 @@ class SweepConfig:
     # Ray's and Tune's output on the console too; by default it goes to sweep.log in the sweep's folder, and the console
     # shows the sweep's own lines and a progress line
     verbose: bool = False
+    # explicit trials, each a dict of searched settings, instead of every combination of `space` (grid search only);
+    # `space` then lists each setting's values, as tables and labels show them. --tune runs its phases so.
+    points: Optional[list[dict[str, Any]]] = None
+    parent_run_id: Optional[str] = None  # the sweep's MLflow run nests under this run (--tune's study run)
 
 
 @functools.cache
@@ -236,6 +245,12 @@ def settings_label(values: dict[str, Any], keys: Optional[Sequence[str]] = None)
     """'rank=8 seed=43': how a trial is named by its searched settings (`keys`, by default all of `values`), in its
     MLflow run, on the console and in errors."""
     return " ".join(f"{k}={values[k]}" for k in (values if keys is None else keys))
+
+
+def flat_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A Tune trial's parameters with an explicit point's settings (SweepConfig.points, under POINT) in their place."""
+    point = params.get(POINT) or {}
+    return {**{k: v for k, v in params.items() if k != POINT}, **point}
 
 
 def comma_list(text: str) -> list[str]:

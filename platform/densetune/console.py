@@ -19,7 +19,7 @@ from typing import Any, Iterator, Optional, Sequence, TextIO
 from ray import tune
 from tqdm import tqdm
 
-from .config import DIVERGED, settings_label
+from .config import DIVERGED, flat_params, settings_label
 
 PLAIN_EVERY_S = 15.0  # how often a progress line is printed when the output is not a terminal
 ENDED = ("TERMINATED", "ERROR")  # Tune's statuses of a trial that will not run again
@@ -216,7 +216,7 @@ class SweepProgress(tune.Callback):
     # helpers
 
     def _label(self, trial: tune.experiment.Trial) -> str:
-        return settings_label(trial.config, self.searched)
+        return settings_label(flat_params(trial.config), self.searched)
 
     def _line(self, trial: tune.experiment.Trial, what: str) -> None:
         console().say(f"[{self._running.get(trial.trial_id, '?')}] {self._label(trial)} {what}")

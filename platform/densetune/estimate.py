@@ -73,14 +73,13 @@ def total_steps(config: TrialConfig, data: TrialData) -> int:
 
 
 def questions(config: TrialConfig, data: TrialData) -> int:
-    """The questions one evaluation answers, over every benchmark."""
-    return sum(len(eval_set(config, name, rows)[1]) for name, rows in data.eval_sets)
-
-
-def evaluations(config: TrialConfig, steps: int) -> int:
-    """How often the trial evaluates: at the end, every eval_every steps, and before training with eval_at_start."""
+    """The questions the trial answers in all: the test split's at the end (and at step 0 with eval_at_start), the
+    validation set's at step 0, every eval_every steps and at the end."""
+    steps = total_steps(config, data)
+    test = sum(len(eval_set(config, name, rows)[1]) for name, rows in data.eval_sets)
+    validation = sum(len(rows) for _, rows in data.val_sets)
     periodic = (steps - 1) // config.eval_every if config.eval_every else 0
-    return 1 + periodic + int(config.eval_at_start)
+    return int(config.evaluate_test) * (1 + int(config.eval_at_start)) * test + (2 + periodic) * validation
 
 
 def trial_seconds(config: TrialConfig, data: TrialData, measured: Measured) -> dict[str, float]:
@@ -89,5 +88,5 @@ def trial_seconds(config: TrialConfig, data: TrialData, measured: Measured) -> d
     return {
         "start": RAY_TRAIN_START_S, "load": measured.load_s,
         "train": steps * measured.step_s / max(1, config.num_workers),
-        "evaluate": evaluations(config, steps) * questions(config, data) * measured.question_s,
+        "evaluate": questions(config, data) * measured.question_s,
     }

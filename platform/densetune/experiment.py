@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import sys
 import tempfile
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .config import (
     DEFAULT_METRIC, PROTOCOLS, SCHEDULERS, SEARCHABLE, SEARCHES, SweepConfig, TrialConfig, add_setting, comma_list,
@@ -40,6 +41,7 @@ LOCAL = dict(
 SMOKE = dict(
     model="tiny-llama", datasets=["synthetic"], max_steps=4, warmup_steps=1, batch_size=4, micro_batch_size=2,
     cutoff_len=512, eval_limit=8, eval_batch_size=8, report_every=2, cpus_per_worker=1.0, val_size=8,
+    eval_datasets=None,
 )
 
 
@@ -50,6 +52,9 @@ class Study:
     trial: dict[str, Any] = field(default_factory=dict)  # the study's own fixed settings, over LOCAL
     columns: tuple[str, ...] = ("trainable_params",)  # besides the searched settings, in the summary table
     sweep: dict[str, Any] = field(default_factory=dict)  # defaults of the sweep's own flags, e.g. search="optuna"
+    # explicit configurations instead of every combination of `space`, from the trial's settings (the model, the
+    # targets): e.g. LoRA at the rank of DenseLoRA's parameter count. --space adds settings to each.
+    configurations: Optional[Callable[[TrialConfig], list[dict[str, Any]]]] = None
 
 
 def parser(study: Study, description: str) -> argparse.ArgumentParser:
@@ -71,6 +76,14 @@ def parser(study: Study, description: str) -> argparse.ArgumentParser:
                    help="any other trial setting (python -m densetune.trial --help lists them), e.g. --set lr=1e-3 "
                         "--set eval_limit=none; repeatable (default: the study's own settings over "
                         "densetune.experiment.LOCAL)")
+    p.add_argument("--tune", metavar="SETTING=V1,V2,...",
+                   help="give each configuration its own value of a setting (lr, usually): every configuration trains "
+                        "at every value with one seed and is judged on the validation set, a value past the grid's "
+                        "edge is tried where a pick lands on it, then each configuration runs at its pick with every "
+                        "seed (--seeds) and the configurations are compared on test (default: off)")
+    p.add_argument("--tune-extend", type=int, default=2,
+                   help="with --tune: how many values past a grid's edge each configuration may try (default: "
+                        "%(default)s)")
     p.add_argument("--search", choices=SEARCHES, default="grid",
                    help="grid: every combination; random: --num-samples draws; optuna: Bayesian, --num-samples trials "
                         "(default: %(default)s)")
@@ -82,6 +95,8 @@ def parser(study: Study, description: str) -> argparse.ArgumentParser:
                         f"search, e.g. {DEFAULT_METRIC},trainable_params (default: %(default)s)")
     p.add_argument("--mode", type=comma_list, default="max",
                    help="max or min, one per metric (default: %(default)s)")
+    p.add_argument("--grace-period", type=int, default=10,
+                   help="asha: the optimizer steps every trial runs before it may be stopped (default: %(default)s)")
     p.add_argument("--num-samples", type=int, default=1,
                    help="grid: passes over the grid; random, optuna: trials (default: %(default)s)")
     add_setting(p, "max_steps", study_default(study, "max_steps"))
@@ -177,13 +192,63 @@ def sweep_config(study: Study, args: argparse.Namespace) -> SweepConfig:
         space[name] = [search_value(name, value) for value in comma_list(values)] if name in SEARCHABLE else values
     if args.seeds != 1:
         space["seed"] = seeds(args, space, settings.get("seed", TrialConfig.seed))
+    trial = TrialConfig.from_dict(settings)
+    points = None
+    if study.configurations is not None:
+        # each configuration with every combination of what --space and --seeds add
+        points = [{**point, **extra} for point in study.configurations(trial) for extra in grid(space)]
+        space = {k: sorted({p[k] for p in points if k in p}, key=str) for k in dict.fromkeys(k for p in points for k in p)}
     return SweepConfig(
-        study=study.name, space=space, trial=TrialConfig.from_dict(settings), search=args.search,
-        num_samples=args.num_samples, scheduler=args.scheduler, metric=one_or_list(args.metric),
+        study=study.name, space=space, trial=trial, search=args.search, points=points,
+        num_samples=args.num_samples, scheduler=args.scheduler, grace_period=args.grace_period,
+        metric=one_or_list(args.metric),
         mode=one_or_list(args.mode),
         max_concurrent=args.max_concurrent, name=args.name, tracking_uri=args.tracking_uri, resume=args.resume,
         columns=study.columns, verbose=args.verbose,
     )
+
+
+def tuning_of(args: argparse.Namespace) -> Any:
+    """--tune SETTING=V1,V2,... as a tuning.Tuning, or None."""
+    if args.tune is None:
+        return None
+    from .tuning import Tuning
+
+    if args.resume:
+        raise ValueError("--resume cannot continue a --tune study yet: run it again with a new --name")
+    name, values = parse_setting(args.tune, "--tune")
+    return Tuning(name, tuple(search_value(name, value) for value in comma_list(values)), args.tune_extend)
+
+
+def tuned_dry_run(sweep: SweepConfig, tuning: Any) -> list[str]:
+    """A --tune study's plan, checked, and the dry run of its tuning phase."""
+    from .sweep import dry_run
+    from .tuning import check_tuning, plan
+
+    check_tuning(sweep, tuning)
+    lines, phase = plan(sweep, tuning)
+    return [*lines, *dry_run(phase)]
+
+
+def grid(space: dict[str, list]) -> list[dict[str, Any]]:
+    """Every combination of the space's values ([{}] for an empty space)."""
+    return [dict(zip(space, values)) for values in itertools.product(*space.values())]
+
+
+def closest_rank(trial: TrialConfig, method: str, reference: dict[str, Any], ranks: range = range(1, 513)) -> int:
+    """The rank at which `method` trains about as many parameters as the `reference` settings (e.g. DenseLoRA r = 32)
+    on the trial's model and targets, by densemod's exact formulas on the model's architecture (no weights); ties to
+    the smaller rank."""
+    import densemod
+
+    from .models import meta_model
+
+    model = meta_model(trial.model)
+    reference_peft = dataclasses.replace(trial, **reference).peft_config(total_steps=2)
+    goal = densemod.predict_trainable(reference_peft, densemod.target_shapes(model, reference_peft))
+    configs = {r: dataclasses.replace(trial, method=method, rank=r).peft_config(total_steps=2) for r in ranks}
+    shapes = densemod.target_shapes(model, configs[ranks[0]])  # the same layers at every rank
+    return min(ranks, key=lambda r: (abs(densemod.predict_trainable(configs[r], shapes) - goal), r))
 
 
 def one_or_list(values: list[str]) -> Any:
@@ -214,10 +279,19 @@ def main(study: Study, description: str, argv: Optional[list[str]] = None) -> in
     as_a_command()
     try:
         sweep = sweep_config(study, args)
+        tuning = tuning_of(args)
         if args.dry_run:
-            print("\n".join(dry_run(sweep)))
+            print("\n".join(dry_run(sweep) if tuning is None else tuned_dry_run(sweep, tuning)))
             return 0
-        result = run_sweep(sweep)
+        if tuning is None:
+            result = run_sweep(sweep)
+        else:
+            from .tuning import run_tuned
+
+            tuned = run_tuned(sweep, tuning)
+            print(f"\n{tuning.setting} picked on the validation set: "
+                  + "; ".join(f"{label or 'all'}: {value}" for label, value in tuned.picks.items()))
+            result = tuned.comparison
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ import pandas as pd
 from matplotlib.figure import Figure  # not pyplot: no display backend on the machines sweeps run on
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Run
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 from .config import DEFAULT_METRIC, DENSELORA_METHODS
@@ -43,6 +44,8 @@ ALPHA = 0.05  # a difference is called one where the Holm-adjusted p is below th
 FAMILIES = ("accuracy", "accuracy_norm")  # accuracy_norm: the text protocol's length-normalised pick
 NO_DIFFERENCE = "no difference shown"
 VAL_LOSS = "val/loss"
+# --tune's study run and its tuning table (tuning.py writes them; the report reads the store, not that module)
+TUNED_ROLE, TUNING_TABLE = "tuned", "tuning.csv"
 MANIFEST = "report_files.txt"  # what the last report wrote into its folder: removed when it is regenerated
 REPORT_ARTIFACTS = "report"  # the sweep's run keeps the report's files under this artifact path
 BUDGET_SHARE = 0.9  # the learning curves' budget table: steps, tokens and seconds to 90 % of the best final accuracy
@@ -336,6 +339,41 @@ def how_to_read() -> list[str]:
         "unshown says little, and \"none possible\" means too few discordant questions for any difference to show. "
         "The majority baseline is the accuracy of always giving a benchmark's most frequent gold answer.", "",
     ]
+
+
+def tuning_section(record: SweepRecord, downloads: Path) -> list[str]:
+    """Where the sweep is --tune's comparison phase: the tuning table its study run keeps (tuning.TUNING_TABLE), each
+    configuration's validation result at every value tried, its pick in bold."""
+    client = MlflowClient(record.tracking_uri)
+    study = study_run(client, record.parent)
+    if study is None:
+        return []
+    params = study.data.params
+    table = pd.read_csv(client.download_artifacts(study.info.run_id, TUNING_TABLE, str(downloads)))
+    setting, metric = params["tuned"], params["metric"]
+    cells = table.assign(shown=[
+        (f"**{percent(row[metric])}**" if row["picked"] else percent(row[metric]))
+        + ("" if row["status"] == FINISHED else f" ({row['status']})")
+        for _, row in table.iterrows()
+    ]).pivot(index="configuration", columns="value", values="shown").fillna("")
+    cells = cells.reset_index().rename(columns=lambda c: c if c == "configuration" else f"{setting}={c}")
+    return [
+        f"## Tuning: each configuration at its own {setting}", "",
+        f"Before the comparison below, every configuration trained at each value of {setting} with one seed (the "
+        f"first of the comparison's) and was judged on `{metric}` ({params.get('mode', 'max')}), the validation set; "
+        "the test split was not evaluated. "
+        "Where a pick landed on the edge of the values tried, the next value past it was tried too. Each row's pick "
+        "is in bold and is the value it runs at below; a status in brackets: the trial did not finish (KILLED: "
+        "stopped early by ASHA) and could not be picked.", "",
+        *markdown_table(cells), "",
+    ]
+
+
+def study_run(client: MlflowClient, sweep_run: Run) -> Optional[Run]:
+    """The --tune study run this sweep's run is nested under, if it is one."""
+    parent = sweep_run.data.tags.get(MLFLOW_PARENT_RUN_ID)
+    run = client.get_run(parent) if parent else None
+    return run if run is not None and run.data.tags.get(ROLE) == TUNED_ROLE else None
 
 
 def choices_section(record: SweepRecord) -> list[str]:
@@ -773,7 +811,8 @@ def report_lines(record: SweepRecord, command: str, folder: Path, downloads: Pat
         return [*lines, "No trial finished: there is nothing to compare.", "", *how_to_read()], []
     tables, notes = dimension_sections(record)
     figures = draw_figures(record, folder, downloads)
-    lines += [*choices_section(record), *configurations_section(record), *before_after_section(record),
+    lines += [*tuning_section(record, downloads), *choices_section(record), *configurations_section(record),
+              *before_after_section(record),
               *pairs_section(pair_table),
               *method_section(record), *tables, "## Figures", "", *figures.lines]
     if notes or figures.notes:

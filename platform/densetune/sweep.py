@@ -39,7 +39,9 @@ from ray.tune.search.sample import Domain
 import densemod
 from densemod.denselora.config import check_choice
 
-from .config import DIVERGED, SCHEDULERS, SEARCHABLE, SEARCHES, VAL_PREFIX, SweepConfig, TrialConfig, settings_label
+from .config import (
+    DIVERGED, POINT, SCHEDULERS, SEARCHABLE, SEARCHES, VAL_PREFIX, SweepConfig, TrialConfig, flat_params, settings_label,
+)
 from .console import SweepProgress, clock, console, output_to
 from .inputs import TrialData, data_source, load_data, training_rows
 from .trial import (
@@ -75,7 +77,7 @@ class SweepResult:
 
 def trial_config(params: dict[str, Any]) -> TrialConfig:
     """A Tune trial's parameters as a TrialConfig; a variant named as the method means DenseLoRA with that variant."""
-    params = dict(params)
+    params = flat_params(params)
     if params.get("method") in densemod.VARIANTS and params["method"] != "denselora":
         params["method"], params["variant"] = "denselora", params["method"]
     return TrialConfig.from_dict(params)
@@ -148,9 +150,11 @@ def check_space(sweep: SweepConfig) -> None:
         if key == "method":
             for value in values if isinstance(values, (list, tuple)) else []:
                 check_choice("method", value, METHOD_CHOICES)
+    if sweep.points is not None:
+        check_points(sweep)
     base = dataclasses.asdict(sweep.trial)
     adapters = set()
-    for point in itertools.islice(grid_points(sweep.space), 10_000):
+    for point in itertools.islice(trial_points(sweep), 10_000):
         config = trial_config({**base, **point})
         try:
             check_config(config)
@@ -162,6 +166,24 @@ def check_space(sweep: SweepConfig) -> None:
         except ValueError as error:
             where = settings_label(point)
             raise ValueError(f"the trial {where}: {error}") from None
+
+
+def check_points(sweep: SweepConfig) -> None:
+    """Explicit points: a grid of them, each naming searchable settings only."""
+    if sweep.search != "grid":
+        raise ValueError(f"explicit points are run as a grid; search {sweep.search!r} draws its own")
+    if not sweep.points or not all(isinstance(point, dict) and point for point in sweep.points):
+        raise ValueError(f"points must be a non-empty list of settings (dicts); got {sweep.points!r}")
+    for point in sweep.points:
+        unknown = sorted(set(point) - set(SEARCHABLE))
+        if unknown:
+            raise ValueError(f"the point {settings_label(point)}: unknown search dimension {unknown[0]!r}; allowed: "
+                             f"{', '.join(SEARCHABLE)}")
+
+
+def trial_points(sweep: SweepConfig) -> Any:
+    """The searched settings of each trial: the explicit points, or every combination of the space."""
+    return iter(sweep.points) if sweep.points is not None else grid_points(sweep.space)
 
 
 def grid_points(space: dict[str, Any]) -> Any:
@@ -211,6 +233,8 @@ def check_objectives(sweep: SweepConfig) -> None:
 def param_space(sweep: SweepConfig, folder: str) -> dict[str, Any]:
     """The trial's settings with the searched ones as Tune domains; trials keep their runs inside the sweep's folder."""
     space = {**dataclasses.asdict(sweep.trial), "storage_path": f"{folder}/trials"}
+    if sweep.points is not None:
+        return {**space, POINT: tune.grid_search(list(sweep.points))}
     for key, values in sweep.space.items():
         if isinstance(values, Domain):
             space[key] = values
@@ -325,7 +349,7 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
         )
         tracker = SweepTracker(
             uri, sweep.study, name, trial_config, list(sweep.space), sweep_params(sweep, folder), artifact_root(uri),
-            gpu=gpu, objectives=objectives(sweep),
+            gpu=gpu, objectives=objectives(sweep), parent_run_id=sweep.parent_run_id,
         )
         if sweep.resume:
             tuner = tune.Tuner.restore(folder, trainable, resume_unfinished=True, resume_errored=True)
@@ -362,7 +386,7 @@ def dry_run(sweep: SweepConfig) -> list[str]:
     data = sweep_data(sweep)
     base = dataclasses.asdict(sweep.trial)
     if sweep.search == "grid":
-        points = [point for _ in range(sweep.num_samples) for point in grid_points(sweep.space)]
+        points = [point for _ in range(sweep.num_samples) for point in trial_points(sweep)]
         listed = [settings_label(point) for point in points]
     else:
         points = [next(grid_points(sweep.space))]
@@ -422,6 +446,8 @@ def planned_trials(sweep: SweepConfig) -> int:
     """How many trials the sweep starts: every combination of the grid times num_samples, or num_samples draws."""
     if sweep.search != "grid":
         return sweep.num_samples
+    if sweep.points is not None:
+        return len(sweep.points) * sweep.num_samples
     return math.prod(len(v) if isinstance(v, (list, tuple)) else 1 for v in sweep.space.values()) * sweep.num_samples
 
 
@@ -454,7 +480,7 @@ def sweep_params(sweep: SweepConfig, folder: str) -> dict[str, str]:
         "scheduler": sweep.scheduler, "metric": ",".join(m for m, _ in objectives(sweep)),
         "mode": ",".join(m for _, m in objectives(sweep)),
         "max_concurrent": str(sweep.max_concurrent), "model": sweep.trial.model,
-        "datasets": ",".join(sweep.trial.datasets),
+        "datasets": ",".join(sweep.trial.datasets), **({"points": json.dumps(sweep.points)} if sweep.points else {}),
     }
 
 

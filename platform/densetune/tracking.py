@@ -34,7 +34,9 @@ from mlflow.utils.mlflow_tags import (
 )
 from ray import tune
 
-from .config import DEFAULT_METRIC, DIVERGED, TEST_PREFIXES, VAL_PREFIX, TrialConfig, field_type, settings_label
+from .config import (
+    DEFAULT_METRIC, DIVERGED, TEST_PREFIXES, VAL_PREFIX, TrialConfig, field_type, flat_params, settings_label,
+)
 from .selection import Candidate, best
 
 # Reported once per trial and constant: logged as params, and the numbers among them also as metrics (at step 0), so
@@ -189,13 +191,14 @@ class SweepTracker(tune.Callback):
     def __init__(
         self, uri: str, study: str, sweep: str, to_config: Callable[[dict], TrialConfig], searched: Sequence[str],
         sweep_params: dict[str, str], artifact_root: Optional[str] = None, gpu: bool = False,
-        objectives: Sequence[tuple[str, str]] = ((DEFAULT_METRIC, "max"),),
+        objectives: Sequence[tuple[str, str]] = ((DEFAULT_METRIC, "max"),), parent_run_id: Optional[str] = None,
     ):
         """`searched`: the settings that name a trial's run; `gpu`: whether the trials train on GPUs; `objectives`:
-        the (metric, mode) pairs by which the sweep's run names its best trial (selection.best)."""
+        the (metric, mode) pairs by which the sweep's run names its best trial (selection.best); `parent_run_id`: a
+        run the sweep's own nests under (--tune's study run)."""
         self.uri, self.study, self.sweep, self.to_config = uri, study, sweep, to_config
         self.searched, self.sweep_params, self.artifact_root = list(searched), sweep_params, artifact_root
-        self.gpu, self.objectives = gpu, list(objectives)
+        self.gpu, self.objectives, self.parent_run = gpu, list(objectives), parent_run_id
         self._reset()
 
     def _reset(self) -> None:
@@ -243,6 +246,7 @@ class SweepTracker(tune.Callback):
                     self.experiment_id, run_name=self.sweep,
                     tags={
                         ROLE: "sweep", SWEEP: self.sweep, STUDY: self.study, MLFLOW_GIT_COMMIT: git_commit(), **source_tags(),
+                        **({MLFLOW_PARENT_RUN_ID: self.parent_run} if self.parent_run else {}),
                     },
                 ).info.run_id
                 self._log(self._parent, params=self.sweep_params)
@@ -369,7 +373,7 @@ class SweepTracker(tune.Callback):
         else:
             config = self.to_config(trial.config)
             # named by what the sweep searched (rank=8 seed=43), as the UI's run column shows it; the trial id is a tag
-            name = settings_label(trial.config, self.searched)
+            name = settings_label(flat_params(trial.config), self.searched)
             run_id = self.client.create_run(
                 self.experiment_id, run_name=name,
                 tags={
@@ -462,7 +466,7 @@ def now_ms() -> int:
 
 
 def sweep_runs(sweep: str, tracking_uri: Optional[str] = None, study: Optional[str] = None) -> pd.DataFrame:
-    """One row per trial of `sweep`: run id, trial id, status, the params (typed), the last value of each metric;
+    """One row per trial of `sweep`: run id and name, trial id, status, the params (typed), the last value of each metric;
     none while the sweep has no trial yet.
 
     Params carry TrialConfig's types (rank is an int, lr a float), so the frame sorts and plots as expected. The store
@@ -473,7 +477,8 @@ def sweep_runs(sweep: str, tracking_uri: Optional[str] = None, study: Optional[s
     runs = [r for r in sweep_records(MlflowClient(uri), sweep, uri, study) if r.data.tags.get(ROLE) == "trial"]
     rows = [
         {
-            "run_id": run.info.run_id, "trial_id": run.data.tags.get(TRIAL_ID), "status": run.info.status,
+            "run_id": run.info.run_id, "run_name": run.info.run_name, "trial_id": run.data.tags.get(TRIAL_ID),
+            "status": run.info.status,
             **{k: typed_param(k, v) for k, v in run.data.params.items()},
             # the facts logged as metrics too keep their params' types (trainable_params an int)
             **{k: FACTS[k](v) if k in FACTS else v for k, v in run.data.metrics.items()},

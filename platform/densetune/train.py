@@ -109,8 +109,9 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     if snapshots is not None and not restored:
         snapshots.record(0, model)
-    if (val_sets or cfg.eval_at_start) and not restored:
-        metrics = {"step": 0, **evaluation.run(0, test=cfg.eval_at_start), **facts}
+    test_at_start = cfg.eval_at_start and cfg.evaluate_test
+    if (val_sets or test_at_start) and not restored:
+        metrics = {"step": 0, **evaluation.run(0, test=test_at_start), **facts}
         log(rank, f"before training: {format_accuracies(metrics)}")
         ray.train.report(metrics)
     evaluated_at_end = False
@@ -153,7 +154,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             # the validation set at every evaluation; the test split only at the end
             evaluating = finished or bool(cfg.eval_every and step % cfg.eval_every == 0)
             if evaluating:
-                metrics.update(evaluation.run(step, test=finished))
+                metrics.update(evaluation.run(step, test=finished and cfg.evaluate_test))
             at_checkpoint = step == stop or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
             if at_checkpoint or evaluating or step % cfg.report_every == 0:
                 summary["history"].append(metrics)
@@ -168,7 +169,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         else:
             position = dataclasses.replace(position, epoch=position.epoch + 1, step_in_epoch=0)
     if position.step == total_steps and not evaluated_at_end:  # resumed a run that had already finished
-        metrics = {"step": position.step, **evaluation.run(position.step, test=True)}
+        metrics = {"step": position.step, **evaluation.run(position.step, test=cfg.evaluate_test)}
         report_to_ray(metrics, model, optimizer, scheduler, position, rank, True, summary, snapshots)
     return summary
 

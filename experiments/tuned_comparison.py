@@ -1,0 +1,44 @@
+"""The paper's question asked again: does DenseLoRA match LoRA, at equal trainable parameters and at equal rank, when
+each runs at its own learning rate and trains longer?
+
+    python experiments/tuned_comparison.py                 # SmolLM2-135M, 2 CPU cores: about 90 min (docs/RESULTS.md)
+    python experiments/tuned_comparison.py --smoke         # the same on the tiny random model, ~3 min
+    python experiments/tuned_comparison.py --dry-run       # the plan and an estimate of its time here
+    ray job submit --working-dir . -- python experiments/tuned_comparison.py --gpus-per-worker 0.5 --max-steps 2000
+
+Three configurations: DenseLoRA r = 32, LoRA r = 32 (equal rank), and LoRA at the rank whose trainable parameters are
+closest to DenseLoRA r = 32's (equal parameters; densemod's exact count on the model's architecture: r = 2 on
+SmolLM2-135M's q, k, v, up, down). Each is tuned over lr 1e-4, 3e-4, 1e-3, 3e-3 on the validation set (one seed,
+ASHA stopping the trailing trials after a third of the steps; a value past the grid's edge is tried where a pick
+lands on it), then runs at its own lr with three seeds for 180 steps, three times the default study's, with the
+validation set evaluated every 30 steps (the learning curves). The test split, the five commonsense benchmarks found
+in the data folders (100 questions each), is evaluated before and after training only, and chooses nothing.
+"""
+
+import sys
+
+from densetune.config import TrialConfig
+from densetune.experiment import Study, closest_rank, main
+
+REFERENCE = {"method": "denselora", "rank": 32}
+
+
+def configurations(trial: TrialConfig) -> list[dict]:
+    """DenseLoRA r = 32, LoRA at the same rank, and LoRA at the rank of DenseLoRA's parameter count."""
+    rank = closest_rank(trial, "lora", REFERENCE)
+    return [REFERENCE, {"method": "lora", "rank": 32}, {"method": "lora", "rank": rank}]
+
+
+STUDY = Study(
+    name="tuned_comparison",
+    space={},
+    configurations=configurations,
+    trial={
+        "max_steps": 180, "warmup_steps": 18, "eval_every": 30, "eval_datasets": ["commonsense"], "eval_limit": 100,
+    },
+    columns=("trainable_params", "trainable_pct"),
+    sweep={"tune": "lr=1e-4,3e-4,1e-3,3e-3", "seeds": 3, "scheduler": "asha", "grace_period": 60},
+)
+
+if __name__ == "__main__":
+    sys.exit(main(STUDY, __doc__))
