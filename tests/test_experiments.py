@@ -131,15 +131,15 @@ def test_the_default_study_learns_on_real_questions_evaluated_before_and_after()
     assert trial.eval_at_start and trial.eval_limit == 200
 
 
-def test_the_pareto_search_asks_optuna_for_two_objectives_and_asha_prunes_on_accuracy():
+def test_the_pareto_search_asks_optuna_for_two_objectives_and_asha_prunes_on_validation_accuracy():
     study = load(ROOT / "experiments" / "pareto_search.py").STUDY
     sweep = sweep_config(study, parser(study, "").parse_args(["--smoke"]))
     assert (sweep.search, sweep.scheduler, sweep.num_samples) == ("optuna", "asha", 12)
-    assert (sweep.metric, sweep.mode) == (["accuracy/average", "trainable_params"], ["max", "min"])
+    assert (sweep.metric, sweep.mode) == (["val/accuracy/average", "trainable_params"], ["max", "min"])
     config = tune_config(sweep, concurrent=1)
     assert (config.metric, config.mode) == (None, None)  # the searcher and the scheduler hold their own
     assert (config.search_alg.metric, config.search_alg.mode) == (sweep.metric, sweep.mode)
-    assert (config.scheduler._metric, config.scheduler._mode) == ("accuracy/average", "max")  # ASHA has no getter
+    assert (config.scheduler._metric, config.scheduler._mode) == ("val/accuracy/average", "max")  # ASHA has no getter
     assert sweep.trial.eval_every == 20  # ASHA compares accuracies, which trials report when they evaluate
 
 

@@ -375,13 +375,15 @@ def test_a_diverging_trial_is_a_failed_run_tagged_with_its_step_and_the_worst_re
     losses = [m.value for m in client.get_metric_history(diverged.info.run_id, "loss")]
     assert losses and all(math.isfinite(v) for v in losses)
     assert [m.step for m in client.get_metric_history(diverged.info.run_id, "accuracy/average")] == [0]
+    validation = client.get_metric_history(diverged.info.run_id, "val/accuracy/average")
+    assert [m.step for m in validation] == [0] and 0 <= validation[0].value <= 1
     assert [a.path for a in client.list_artifacts(diverged.info.run_id)] == ["config.json"]
     assert parents[0].info.status == "FINISHED"
     assert (parents[0].data.tags["diverged_trials"], parents[0].data.tags["failed_trials"]) == ("1", "0")
     assert len(result.diverged) == 1 and result.failed == []
     # Tune's last result for it holds the objective's worst value, and every JSON file the sweep wrote is JSON
     last = strict_json(Path(result.diverged[0], "result.json").read_text().splitlines()[-1])
-    assert last["accuracy/average"] == -sys.float_info.max and last["diverged_at_step"] == step
+    assert last["val/accuracy/average"] == -sys.float_info.max and last["diverged_at_step"] == step
     # (Tune's basic-variant-state-*.json is a pickle by another name)
     written = [p for p in Path(result.path).rglob("*.json") if not p.name.startswith("basic-variant-state")]
     assert len(written) > 10
