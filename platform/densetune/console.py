@@ -154,7 +154,7 @@ class SweepProgress(tune.Callback):
         self._running: dict[str, str] = {}  # trial id -> "k/n", of the trials that run now
         self._ended: set[str] = set()  # trials ended while this driver watched
         self._earlier: set[str] = set()  # trials that had ended before (a resumed sweep)
-        self._loss: Optional[float] = None
+        self._losses: dict[str, float] = {}  # trial id -> its last loss (none at step 0)
         self._printed = 0.0
         self._began: dict[str, float] = {}  # trial id -> when it started
         self._first: dict[str, tuple[float, int]] = {}  # trial id -> (when, step) of its first report with a step
@@ -189,7 +189,7 @@ class SweepProgress(tune.Callback):
         if result.get(self.metric) is not None:
             self._values[trial.trial_id] = float(result[self.metric])
         if result.get("loss") is not None:
-            self._loss = float(result["loss"])
+            self._losses[trial.trial_id] = float(result["loss"])
         self._progress(trial)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: tune.experiment.Trial, **info: Any) -> None:
@@ -237,8 +237,8 @@ class SweepProgress(tune.Callback):
         if trial.trial_id in self._running:
             total = self._totals.get(trial.trial_id)
             parts.append(f"trial {self._running[trial.trial_id]} step {self._steps.get(trial.trial_id, 0)}/{total or '?'}")
-            if self._loss is not None:
-                parts.append(f"loss {self._loss:.4f}")
+            if trial.trial_id in self._losses:
+                parts.append(f"loss {self._losses[trial.trial_id]:.4f}")
         parts.append(f"{clock(time.monotonic() - self._started)} elapsed")
         eta = self.eta_s()
         parts.append(f"ETA {clock(eta)}" if eta is not None else "ETA ?")

@@ -64,7 +64,7 @@ def load_data(config: TrialConfig) -> TrialData:
     benchmarks = [load_benchmark(source, "train") for source in config.datasets]
     pairs = [pair for benchmark in benchmarks for pair in training_pairs(benchmark, config.protocol)]
     rows = tokenize_pairs(pairs, tokenizer, config.cutoff_len, config.train_on_inputs)
-    held_out = validation_indices([len(b.rows) for b in benchmarks], [b.name for b in benchmarks], config.val_size)
+    held_out = validation_indices(benchmarks, config.val_size)
     val_sets = validation_sets(benchmarks, held_out, config)
     # The loss on the answers alone, whatever train_on_inputs says: how well the model answers, not how it reads.
     val_answers = tokenize_pairs([pairs[i] for i in held_out], tokenizer, config.cutoff_len, train_on_inputs=False)
@@ -74,22 +74,25 @@ def load_data(config: TrialConfig) -> TrialData:
     return TrialData(data_source(config), rows, rows.trainable(), eval_sets, held_out, val_sets, val_answers)
 
 
-def validation_indices(sizes: list[int], names: list[str], val_size: int) -> np.ndarray:
-    """Which rows of the concatenated training sets (of `sizes` rows each) are held out: `val_size` of each set, drawn
-    with a fixed seed, so every trial and seed of a study gets the same validation set."""
+def validation_indices(benchmarks: list[Benchmark], val_size: int) -> np.ndarray:
+    """Which rows of the concatenated training sets are held out: `val_size` of each set, drawn with a fixed seed, so
+    every trial and seed of a study gets the same validation set."""
     chosen, offset = [], 0
-    for size, name in zip(sizes, names):
+    for benchmark in benchmarks:
+        size = len(benchmark.rows)
         if val_size >= size:
             raise ValueError(
-                f"{name} has {size} training rows: val_size {val_size} would leave none to train on; use a smaller "
-                "val_size (0: no validation set)"
+                f"{benchmark.name} has {size} training rows: val_size {val_size} would leave none to train on; use a "
+                "smaller val_size (0: no validation set)"
             )
         chosen += [offset + index for index in sample_indices(size, val_size, VAL_SEED)] if val_size else []
         offset += size
     return np.asarray(chosen, dtype=np.int64)
 
 
-def validation_sets(benchmarks: list[Benchmark], held_out: np.ndarray, config: TrialConfig) -> list[tuple[str, list[dict]]]:
+def validation_sets(
+    benchmarks: list[Benchmark], held_out: np.ndarray, config: TrialConfig
+) -> list[tuple[str, list[dict]]]:
     """The held-out rows of each training set, as evaluation questions named after it."""
     sets, offset, held = [], 0, set(held_out.tolist())
     for benchmark in benchmarks:

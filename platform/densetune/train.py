@@ -378,7 +378,9 @@ def format_metrics(metrics: dict[str, Any], total_steps: int) -> str:
 
 
 def format_accuracies(metrics: dict[str, Any]) -> str:
-    return " ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in metrics.items() if k.startswith("accuracy/"))
+    """'val/average 0.460 average 0.455': the validation set's and the test split's accuracies."""
+    shown = (f"{VAL_PREFIX}accuracy/", "accuracy/")
+    return " ".join(f"{k.replace('accuracy/', '')} {v:.3f}" for k, v in metrics.items() if k.startswith(shown))
 
 
 def log(rank: int, message: str) -> None:
