@@ -8,10 +8,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 
 if TYPE_CHECKING:
     from peft import PeftConfig
@@ -251,6 +252,23 @@ def flat_params(params: dict[str, Any]) -> dict[str, Any]:
     """A Tune trial's parameters with an explicit point's settings (SweepConfig.points, under POINT) in their place."""
     point = params.get(POINT) or {}
     return {**{k: v for k, v in params.items() if k != POINT}, **point}
+
+
+def grid_points(space: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every combination of the listed values (one empty point for an empty space); a distribution contributes one
+    sample."""
+    axes = [values if isinstance(values, (list, tuple)) else [values.sample()] for values in space.values()]
+    return (dict(zip(space, combination)) for combination in itertools.product(*axes))
+
+
+def points_space(points: list[dict[str, Any]]) -> dict[str, list]:
+    """What explicit points search, each setting's values in their first order: for tables and labels."""
+    space: dict[str, list] = {}
+    for point in points:
+        for key, value in point.items():
+            if value not in space.setdefault(key, []):
+                space[key].append(value)
+    return space
 
 
 def comma_list(text: str) -> list[str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import os
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from typing import Any, Callable, Optional
 
 from .config import (
     DEFAULT_METRIC, PROTOCOLS, SCHEDULERS, SEARCHABLE, SEARCHES, SweepConfig, TrialConfig, add_setting, comma_list,
-    field_type, shown,
+    field_type, grid_points, points_space, shown,
 )
 
 
@@ -196,8 +195,8 @@ def sweep_config(study: Study, args: argparse.Namespace) -> SweepConfig:
     points = None
     if study.configurations is not None:
         # each configuration with every combination of what --space and --seeds add
-        points = [{**point, **extra} for point in study.configurations(trial) for extra in grid(space)]
-        space = {k: sorted({p[k] for p in points if k in p}, key=str) for k in dict.fromkeys(k for p in points for k in p)}
+        points = [{**point, **extra} for point in study.configurations(trial) for extra in grid_points(space)]
+        space = points_space(points)
     return SweepConfig(
         study=study.name, space=space, trial=trial, search=args.search, points=points,
         num_samples=args.num_samples, scheduler=args.scheduler, grace_period=args.grace_period,
@@ -228,11 +227,6 @@ def tuned_dry_run(sweep: SweepConfig, tuning: Any) -> list[str]:
     check_tuning(sweep, tuning)
     lines, phase = plan(sweep, tuning)
     return [*lines, *dry_run(phase)]
-
-
-def grid(space: dict[str, list]) -> list[dict[str, Any]]:
-    """Every combination of the space's values ([{}] for an empty space)."""
-    return [dict(zip(space, values)) for values in itertools.product(*space.values())]
 
 
 def closest_rank(trial: TrialConfig, method: str, reference: dict[str, Any], ranks: range = range(1, 513)) -> int:

@@ -40,7 +40,8 @@ import densemod
 from densemod.denselora.config import check_choice
 
 from .config import (
-    DIVERGED, POINT, SCHEDULERS, SEARCHABLE, SEARCHES, VAL_PREFIX, SweepConfig, TrialConfig, flat_params, settings_label,
+    DIVERGED, POINT, SCHEDULERS, SEARCHABLE, SEARCHES, VAL_PREFIX, SweepConfig, TrialConfig, flat_params, grid_points,
+    settings_label,
 )
 from .console import SweepProgress, clock, console, output_to
 from .inputs import TrialData, data_source, load_data, training_rows
@@ -184,12 +185,6 @@ def check_points(sweep: SweepConfig) -> None:
 def trial_points(sweep: SweepConfig) -> Any:
     """The searched settings of each trial: the explicit points, or every combination of the space."""
     return iter(sweep.points) if sweep.points is not None else grid_points(sweep.space)
-
-
-def grid_points(space: dict[str, Any]) -> Any:
-    """Every combination of the listed values; a distribution contributes one sample."""
-    axes = [values if isinstance(values, (list, tuple)) else [values.sample()] for values in space.values()]
-    return (dict(zip(space, combination)) for combination in itertools.product(*axes))
 
 
 def check_sweep(sweep: SweepConfig) -> None:

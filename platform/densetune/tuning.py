@@ -30,10 +30,10 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
-from .config import SEARCHABLE, SweepConfig, settings_label
+from .config import SEARCHABLE, SweepConfig, grid_points, points_space, settings_label
 from .report import TUNED_ROLE, TUNING_TABLE
 from .selection import Candidate, best
-from .sweep import SweepResult, check_sweep, grid_points, objectives, run_sweep
+from .sweep import SweepResult, check_sweep, objectives, run_sweep
 from .tracking import ROLE, STUDY, SWEEP, artifact_root, check_tracking_uri, git_commit, source_tags, store_uri
 
 
@@ -69,7 +69,7 @@ def check_tuning(sweep: SweepConfig, tuning: Tuning) -> None:
         raise ValueError(f"--tune runs each phase as a grid; search {sweep.search!r} draws its own trials")
     configurations, seeds = split_space(sweep)
     points = [{**c, tuning.setting: v, "seed": s} for c in configurations for v in tuning.values for s in seeds]
-    check_sweep(dataclasses.replace(sweep, space=phase_space(points), points=points))
+    check_sweep(dataclasses.replace(sweep, space=points_space(points), points=points))
 
 
 def plan(sweep: SweepConfig, tuning: Tuning) -> tuple[list[str], SweepConfig]:
@@ -84,7 +84,7 @@ def plan(sweep: SweepConfig, tuning: Tuning) -> tuple[list[str], SweepConfig]:
     ]
     points = [{**c, tuning.setting: v} for c in configurations for v in tuning.values]
     phase = dataclasses.replace(
-        sweep, name=f"{sweep.name or sweep.study}-tuning", space=phase_space(points), points=points,
+        sweep, name=f"{sweep.name or sweep.study}-tuning", space=points_space(points), points=points,
         trial=dataclasses.replace(sweep.trial, seed=seeds[0], evaluate_test=False),
     )
     return lines, phase
@@ -98,17 +98,7 @@ def split_space(sweep: SweepConfig) -> tuple[list[dict[str, Any]], list[int]]:
         configurations = [{k: v for k, v in point.items() if k != "seed"} for point in sweep.points]
         return [c for i, c in enumerate(configurations) if c not in configurations[:i]], seeds
     space = {k: v for k, v in sweep.space.items() if k != "seed"}
-    return list(grid_points(space)) if space else [{}], seeds
-
-
-def phase_space(points: list[dict[str, Any]]) -> dict[str, list]:
-    """What a phase searched, each setting's values in their first order: for its tables and labels."""
-    space: dict[str, list] = {}
-    for point in points:
-        for key, value in point.items():
-            if value not in space.setdefault(key, []):
-                space[key].append(value)
-    return space
+    return list(grid_points(space)), seeds
 
 
 def run_tuned(sweep: SweepConfig, tuning: Tuning) -> TunedResult:
@@ -134,7 +124,7 @@ def run_tuned(sweep: SweepConfig, tuning: Tuning) -> TunedResult:
             points = [{**configuration, tuning.setting: value} for value in values]
             phase = run_sweep(dataclasses.replace(
                 sweep, name=f"{name}-tuning-{index}" + (f"-{round_ + 1}" if round_ else ""), trial=tuning_trial,
-                space=phase_space(points), points=points, parent_run_id=parent, resume=False,
+                space=points_space(points), points=points, parent_run_id=parent, resume=False,
             ))
             record(phase, points, keys, tuning.setting, goal[0][0], tried)
             beyond = past_edge(list(tried[label]), choose({label: tried[label]}, goal).get(label))
@@ -152,7 +142,7 @@ def run_tuned(sweep: SweepConfig, tuning: Tuning) -> TunedResult:
     compared = [{**c, tuning.setting: picks[settings_label(c, keys)], "seed": s} for c in configurations for s in seeds]
     # the comparison runs every trial to its end: a scheduler stops trials to save time in a search, not here
     comparison = run_sweep(dataclasses.replace(
-        sweep, name=name, space=phase_space(compared), points=compared, parent_run_id=parent, resume=False,
+        sweep, name=name, space=points_space(compared), points=compared, parent_run_id=parent, resume=False,
         scheduler="fifo",
     ))
     client.set_terminated(parent, "FAILED" if comparison.failed or comparison.diverged else "FINISHED")
