@@ -80,13 +80,15 @@ def test_a_tuned_study_picks_on_validation_then_compares_at_the_picks(local_ray,
     # one seed, the validation set only: the tuning phase never evaluates the test split
     assert {r.data.params["seed"] for r in tuning} == {"1"}
     assert all(VAL in r.data.metrics and "accuracy/average" not in r.data.metrics for r in tuning)
-    def best(runs):  # the finished trial with the best validation accuracy, ties to the earlier trial
-        finished = [r for r in runs if r.info.status == "FINISHED" and "diverged" not in r.data.tags]
-        return min(finished, key=lambda r: (-r.data.metrics[VAL], r.data.tags["ray.trial_id"]))
-
-    grid = [r for r in tuning if r.data.tags["sweep"] == "tl-tuning-1"]
+    grid = sorted((r for r in tuning if r.data.tags["sweep"] == "tl-tuning-1"), key=lambda r: float(r.data.params["lr"]))
     beyond = [r for r in tuning if r.data.tags["sweep"] == "tl-tuning-1-2"]
-    assert sorted(float(r.data.params["lr"]) for r in grid) == [1e-4, 1e-2]
+    tried = [*grid, *beyond]  # the order the values were tried in: the grid's, then the one past its edge
+
+    def best(runs):  # the finished trial with the best validation accuracy, ties to the value tried first
+        finished = [r for r in runs if r.info.status == "FINISHED" and "diverged" not in r.data.tags]
+        return min(finished, key=lambda r: (-r.data.metrics[VAL], tried.index(r)))
+
+    assert [float(r.data.params["lr"]) for r in grid] == [1e-4, 1e-2]
     # the grid's pick sits on an edge (two values): the next value past it, a factor 100 away, is tried too
     edge = float(best(grid).data.params["lr"])
     assert [float(r.data.params["lr"]) for r in beyond] == [pytest.approx(1e-6 if edge == 1e-4 else 1.0)]

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from .config import DEFAULT_METRIC, TEST_PREFIXES
+from .config import DEFAULT_METRIC, TEST_PREFIXES, field_type
 from .stats import interval
 from .tables import markdown_table, percent_interval
 from .tracking import DEVICE_SECONDS
@@ -57,11 +57,13 @@ def over_seeds(trials: pd.DataFrame, keys: list[str], columns: Sequence[str], ac
 
 
 def to_text(table: pd.DataFrame) -> str:
-    """The table for a terminal: numbers to 4 decimals, counts as integers."""
+    """The table for a terminal: numbers to 4 decimals, counts as integers, settings as written (lr 3e-05, not
+    0.0000)."""
     if table.empty:
         return "no trials were recorded"
+    settings = {c: table[c].map("{:g}".format) for c in table if (field_type(c) or (None,))[0] is float}
     with pd.option_context("display.width", 250, "display.max_columns", 50, "display.float_format", "{:.4f}".format):
-        return rounded(table).to_string(index=False)
+        return rounded(table.assign(**settings)).to_string(index=False)
 
 
 def rounded(table: pd.DataFrame) -> pd.DataFrame:

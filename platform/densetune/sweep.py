@@ -455,7 +455,8 @@ def plan(
     steps = f"{config.max_steps} steps" if config.max_steps else f"{config.epochs} epochs"
     at_once = f"up to {concurrent} at once" if concurrent else "as many at once as the cluster grows to"
     lines = [
-        f"sweep {name}: {planned_trials(sweep)} trials ({sweep.search} over {space}) of {config.model} on "
+        f"sweep {name}: {planned_trials(sweep)} trials ({'listed points' if sweep.points else sweep.search} over "
+        f"{space}) of {config.model} on "
         f"{','.join(config.datasets)}, {steps} each, {config.num_workers} worker(s) per trial, {at_once}",
         f"  folder: {folder}",
         f"  store:  {uri}",

@@ -172,14 +172,17 @@ def record(
     tried: dict[str, dict[Any, Candidate]],
 ) -> None:
     """Each point's trial as a Candidate (its objective's last value and its status), by configuration and value.
-    A trial's run is named by its point (tracking: settings_label of the searched settings, in the space's order)."""
+    A trial's run is named by its point (tracking: settings_label of the searched settings, in the space's order).
+    Its key starts with the order in which its configuration tried it, so that a tie goes to the value tried first
+    (Tune's trial ids differ in a random prefix from one sweep to the next), and ends with its trial id."""
     runs = phase.trials.set_index("run_name") if not phase.trials.empty else pd.DataFrame()
     for point in points:
         label = settings_label(point, [*keys, setting])
         row = runs.loc[label] if label in runs.index else None
         value = row.get(metric) if row is not None else math.nan
-        tried[settings_label(point, keys)][point[setting]] = Candidate(
-            str(row["trial_id"]) if row is not None else label,
+        by_value = tried[settings_label(point, keys)]
+        by_value[point[setting]] = Candidate(
+            f"{len(by_value):03d} {row['trial_id'] if row is not None else label}",
             {metric: float(value)} if value is not None and pd.notna(value) else {},
             str(row["status"]) if row is not None else "FAILED",
         )
