@@ -1,8 +1,8 @@
 """The paper's question asked again: does DenseLoRA match LoRA, at equal trainable parameters and at equal rank, when
 each runs at its own learning rate and trains longer?
 
-    python experiments/tuned_comparison.py                 # SmolLM2-135M, 2 CPU cores: about 90 min (docs/RESULTS.md)
-    python experiments/tuned_comparison.py --smoke         # the same on the tiny random model, ~3 min
+    python experiments/tuned_comparison.py                 # SmolLM2-135M: about 4 h on 2 CPU cores without bf16 (its dry run)
+    python experiments/tuned_comparison.py --smoke         # the same on the tiny random model, ~7 min (7 sweeps)
     python experiments/tuned_comparison.py --dry-run       # the plan and an estimate of its time here
     ray job submit --working-dir . -- python experiments/tuned_comparison.py --gpus-per-worker 0.5 --max-steps 2000
 
