@@ -105,3 +105,16 @@ def test_a_tuned_study_picks_on_validation_then_compares_at_the_picks(local_ray,
     section = text.split("## Tuning: each configuration at its own lr")[1].split("\n## ")[0]
     row = [line for line in section.splitlines() if line.startswith("| rank=2 |")][0]
     assert row.count("**") == 2 and f"{100 * chosen.data.metrics[VAL]:.1f}**" in row
+
+
+def test_a_configuration_whose_every_tuning_trial_diverges_fails_the_study_before_the_comparison(local_ray, tmp_path):
+    sweep = SweepConfig("tuned", {"rank": [2]}, trial(tmp_path), name="tf")
+    with pytest.raises(RuntimeError, match=r"^no tuning trial of rank=2 finished with val/accuracy/average: nothing"):
+        run_tuned(sweep, Tuning("lr", (1e5, 1e6), extend=0))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tuned").experiment_id], "tags.sweep LIKE 'tf%'")
+    study = [r for r in runs if r.data.tags["densetune.role"] == "tuned"]
+    assert len(study) == 1 and study[0].info.status == "FAILED"
+    # the tuning table is kept, and no comparison sweep was started
+    assert {r.data.tags["sweep"] for r in runs if r.data.tags["densetune.role"] == "sweep"} == {"tf-tuning-1"}
+    assert "tuning.csv" in {a.path for a in client.list_artifacts(study[0].info.run_id)}

@@ -289,6 +289,9 @@ def main(study: Study, description: str, argv: Optional[list[str]] = None) -> in
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:  # --tune: no configuration value could be picked (every tuning trial failed)
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     # A sweep on a remote storage path keeps its report in MLflow only.
     out = None if "://" not in result.path else tempfile.mkdtemp()
     report = write_report(result.name, result.tracking_uri, study.name, out)

@@ -108,11 +108,25 @@ def run_tuned(sweep: SweepConfig, tuning: Tuning) -> TunedResult:
     name = sweep.name or f"{sweep.study}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     configurations, seeds = split_space(sweep)
     keys = list(dict.fromkeys(k for c in configurations for k in c))
-    goal = objectives(sweep)[:1]
     uri = store_uri(sweep.tracking_uri, sweep.trial.storage_path)
     check_tracking_uri(uri)
     client = MlflowClient(uri)
     parent = study_run(client, sweep, tuning, name, uri)
+    try:
+        return tune_then_compare(sweep, tuning, name, configurations, seeds, keys, client, parent)
+    except BaseException:
+        # interrupted (Ctrl-C, SIGTERM) or failed: the study's run must not stay RUNNING; its sweeps close their own
+        if client.get_run(parent).info.status == "RUNNING":
+            client.set_terminated(parent, "KILLED")
+        raise
+
+
+def tune_then_compare(
+    sweep: SweepConfig, tuning: Tuning, name: str, configurations: list[dict[str, Any]], seeds: list[int],
+    keys: list[str], client: MlflowClient, parent: str,
+) -> TunedResult:
+    """The two phases of run_tuned, under the study's run `parent`."""
+    goal = objectives(sweep)[:1]
     tuning_trial = dataclasses.replace(sweep.trial, seed=seeds[0], evaluate_test=False)
     tried: dict[str, dict[Any, Candidate]] = {}
     for index, configuration in enumerate(configurations, 1):
