@@ -33,19 +33,18 @@ from .curves import (
     budget_lines, budget_table, curve_points, learning_curves_caption, learning_curves_figure, loss_caption, loss_figure,
     mean_curves, metric_histories, save,
 )
-from .selection import Candidate, best, is_test_metric
+from .selection import FINISHED, Candidate, best, is_test_metric
 from .stats import McNemar, detectable_difference, holm, interval, majority_baseline, mcnemar
 from .tables import count, markdown_table, percent, percent_interval, significant
-from .tracking import DEVICE_SECONDS, PREDICTIONS, ROLE, SNAPSHOTS, SWEEP, experiment_ids, store_uri, sweep_runs
+from .tracking import (
+    DEVICE_SECONDS, PREDICTIONS, ROLE, SNAPSHOTS, SWEEP, TUNED_ROLE, TUNING_TABLE, experiment_ids, store_uri, sweep_runs,
+)
 
-FINISHED = "FINISHED"
 AVERAGE = "average"
 ALPHA = 0.05  # a difference is called one where the Holm-adjusted p is below this
 FAMILIES = ("accuracy", "accuracy_norm")  # accuracy_norm: the text protocol's length-normalised pick
 NO_DIFFERENCE = "no difference shown"
 VAL_LOSS = "val/loss"
-# --tune's study run and its tuning table (tuning.py writes them; the report reads the store, not that module)
-TUNED_ROLE, TUNING_TABLE = "tuned", "tuning.csv"
 MANIFEST = "report_files.txt"  # what the last report wrote into its folder: removed when it is regenerated
 REPORT_ARTIFACTS = "report"  # the sweep's run keeps the report's files under this artifact path
 BUDGET_SHARE = 0.9  # the learning curves' budget table: steps, tokens and seconds to 90 % of the best final accuracy
@@ -342,7 +341,7 @@ def how_to_read() -> list[str]:
 
 
 def tuning_section(record: SweepRecord, downloads: Path) -> list[str]:
-    """Where the sweep is --tune's comparison phase: the tuning table its study run keeps (tuning.TUNING_TABLE), each
+    """Where the sweep is --tune's comparison phase: the tuning table its study run keeps (tracking.TUNING_TABLE), each
     configuration's validation result at every value tried, its pick in bold."""
     client = MlflowClient(record.tracking_uri)
     study = study_run(client, record.parent)

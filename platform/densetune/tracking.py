@@ -52,6 +52,8 @@ ROLE, SWEEP, STUDY, TRIAL_ID, NODE_ID = "densetune.role", "sweep", "study", "ray
 FAILED_TRIALS, DIVERGED_TRIALS = "failed_trials", "diverged_trials"  # tags of the sweep's run
 DIVERGED_TAG = "diverged"  # a tag of a trial's run whose loss was not finite: the step
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+# --tune's study run, the parent of its phases' sweep runs, and its tuning table (densetune.tuning writes them)
+TUNED_ROLE, TUNING_TABLE = "tuned", "tuning.csv"
 PREDICTIONS, SNAPSHOTS = "predictions.json", "snapshots.safetensors"
 RECORD_FILES = (PREDICTIONS, "summary.json", SNAPSHOTS)
 # evaluations: the test split's accuracies (accuracy/..., accuracy_norm/...) and the validation set's (val/...)

@@ -31,10 +31,11 @@ from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
 from .config import SEARCHABLE, SweepConfig, grid_points, points_space, settings_label
-from .report import TUNED_ROLE, TUNING_TABLE
 from .selection import Candidate, best
 from .sweep import SweepResult, check_sweep, objectives, run_sweep
-from .tracking import ROLE, STUDY, SWEEP, artifact_root, check_tracking_uri, git_commit, source_tags, store_uri
+from .tracking import (
+    ROLE, STUDY, SWEEP, TUNED_ROLE, TUNING_TABLE, artifact_root, check_tracking_uri, git_commit, source_tags, store_uri,
+)
 
 
 
