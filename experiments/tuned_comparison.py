@@ -35,6 +35,8 @@ STUDY = Study(
     configurations=configurations,
     trial={
         "max_steps": 180, "warmup_steps": 18, "eval_every": 30, "eval_datasets": ["commonsense"], "eval_limit": 100,
+        # two trials at once on 2 cores, one thread each: 1.3-1.4x the steps per second of one trial on both
+        "cpus_per_worker": 1.0,
     },
     columns=("trainable_params", "trainable_pct"),
     sweep={"tune": "lr=1e-4,3e-4,1e-3,3e-3", "seeds": 3, "scheduler": "asha", "grace_period": 60},

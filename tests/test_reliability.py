@@ -14,6 +14,7 @@ import ray
 from densetune.tracking import check_tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
+LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1"}
 
 # Run as a separate driver, without the loopback variable the tests set for themselves: ensure_ray must set it.
 OWN_RAY = """
@@ -36,7 +37,46 @@ def test_a_study_starts_its_own_ray_on_loopback_beside_another(local_ray):
     # not the Ray this test process runs (a bare ray.init() would have joined it)
     assert seen["gcs"] != ray.get_runtime_context().gcs_address
     assert seen["processes"] > 3 and seen["listening"]
-    assert set(seen["listening"]) <= {"127.0.0.1", "::ffff:127.0.0.1"}, seen["listening"]
+    assert set(seen["listening"]) <= LOOPBACK, seen["listening"]
+
+
+# Also a driver of its own: the local Ray a study starts (ensure_ray), two Ray Train workers joining torch.distributed
+# through Ray's own TorchConfig, then through the trials' BoundTorchConfig.
+RENDEZVOUS = """
+import json, sys, psutil, ray.train, torch.distributed as dist
+from ray.train.torch import TorchTrainer
+from densetune.rendezvous import BoundTorchConfig
+from densetune.trial import ensure_ray
+
+def listening_addresses(_):
+    # every worker's listening addresses, gathered through the process group (which shows that it works)
+    mine = sorted({c.laddr.ip for c in psutil.Process().net_connections("inet") if c.status == psutil.CONN_LISTEN})
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return sorted({ip for ips in everyone for ip in ips})
+
+assert ensure_ray()
+seen = {}
+for name, config in (("ray", None), ("bound", BoundTorchConfig())):
+    seen[name] = TorchTrainer(
+        listening_addresses, torch_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        run_config=ray.train.RunConfig(name=name, storage_path=sys.argv[1]),
+    ).fit().return_value
+print(json.dumps(seen))
+"""
+
+
+def test_the_rendezvous_store_of_a_trial_listens_on_loopback_only(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    done = subprocess.run(
+        [sys.executable, "-c", RENDEZVOUS, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    # Ray's own setup opens torch's store on every interface: the reason for BoundTorchConfig, which run_trial uses
+    assert set(seen["ray"]) - LOOPBACK, seen["ray"]
+    assert seen["bound"] and set(seen["bound"]) <= LOOPBACK, seen["bound"]
 
 
 def open_store(uri: str, start: multiprocessing.synchronize.Event) -> None:

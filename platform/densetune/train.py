@@ -29,6 +29,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from peft import get_peft_model
 from transformers import get_linear_schedule_with_warmup
 
@@ -232,18 +233,36 @@ def train_step(
         # Gradients are all-reduced on the last micro-batch only.
         syncing = i == len(batches) - 1 or not hasattr(model, "no_sync")
         with (contextlib.nullcontext() if syncing else model.no_sync()), mixed.autocast(precision, device):
-            outputs = model(**{k: v.to(device) for k, v in batch.items()}, num_items_in_batch=targets)
+            if auxiliary:  # the method adds its regulariser to the loss the model computes from the labels
+                outputs = model(**{k: v.to(device) for k, v in batch.items()}, num_items_in_batch=targets)
+                loss = outputs.loss
+                task_sum += summed_token_loss(outputs.logits, batch["labels"]) / targets
+            else:
+                loss = target_loss_sum(model, batch, device) / targets
             # DDP averages gradients over workers; the loss is already a share of the global sum.
-            (outputs.loss * world).backward()
-        loss_sum += outputs.loss.item()
-        if auxiliary:
-            task_sum += summed_token_loss(outputs.logits, batch["labels"]) / targets
+            (loss * world).backward()
+        loss_sum += loss.item()
     loss, task = all_reduce_sum(device, loss_sum, task_sum)
     # A non-finite loss leaves the weights as they were: the caller ends the run, and no NaN reaches an adapter.
     if math.isfinite(loss):
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
         optimizer.step()
     return Step(loss, tokens, slots, loss - task if auxiliary else None)
+
+
+def target_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The causal LM's cross-entropy summed over the batch's target tokens, as transformers computes it (float32
+    logits, each position predicting the next token), with the vocabulary's logits computed only at the positions that
+    predict a target: with the loss on the answers only that is a few positions per row, and the LM head over
+    SmolLM2's 49,152 tokens is a fifth of the model's arithmetic."""
+    labels = batch["labels"].to(device)
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    logits = model(
+        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+        logits_to_keep=predicts,
+    ).logits  # (target tokens, vocabulary): the kept positions of every row, in order
+    return F.cross_entropy(logits.float(), labels[:, 1:][predicts[:, :-1]], reduction="sum")
 
 
 def all_reduce_sum(device: torch.device, *values: float) -> tuple:

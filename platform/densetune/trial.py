@@ -227,6 +227,7 @@ def run_trial(
     from ray.train.torch import TorchTrainer
 
     from .inputs import eval_set
+    from .rendezvous import BoundTorchConfig
     from .train import train_loop
 
     started, started_at = time.perf_counter(), time.time()
@@ -249,6 +250,7 @@ def run_trial(
             scaling_config=ray.train.ScalingConfig(
                 num_workers=config.num_workers, use_gpu=gpu, resources_per_worker=resources
             ),
+            torch_config=BoundTorchConfig(),
             run_config=ray.train.RunConfig(
                 name=config.name or default_name(config),
                 storage_path=storage_root(config.storage_path),
