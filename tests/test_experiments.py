@@ -255,7 +255,8 @@ def test_a_dry_run_lists_the_trials_and_their_time_and_starts_nothing(tmp_path, 
         "  trial 3: rank=128",
     ]
     assert out[4] == "each trial: 1 worker(s) of 1 CPU (and GPUs if the cluster has them)"
-    assert out[5].startswith("measured here on cpu in ") and " s per step, " in out[5]
+    assert out[5].startswith("measured here on cpu in ") and " s per step; s per question: test/synthetic " in out[5]
+    assert ", val/synthetic " in out[5]
     assert out[6].startswith("estimate per trial: start 5 s + load ") and " + train " in out[6]
     assert out[7].startswith("estimate of the sweep: 3 trials, 2 at a time on this machine: ")
     assert not storage.exists() and not ray.is_initialized()
@@ -268,13 +269,15 @@ def test_the_estimate_adds_up_the_measured_parts():
 
     config = TrialConfig(model="tiny-llama", datasets=["synthetic"], max_steps=60, eval_limit=200, eval_at_start=True,
                          eval_every=25, num_workers=2, batch_size=8)
-    measured = Measured("cpu", "float32", load_s=2.0, step_s=1.5, question_s=0.1)
+    measured = Measured("cpu", "float32", 2.0, 1.5, question_s={"test/synthetic": 0.1, "val/synthetic": 0.3})
     parts = trial_seconds(config, load_data(config), measured)
-    # 60 steps of 1.5 s on two workers; the 200 validation questions at steps 0, 25, 50 and 60, the 200 test
-    # questions before training and at the end: 1,200 questions of 0.1 s
-    assert parts == pytest.approx({"start": RAY_TRAIN_START_S, "load": 2.0, "train": 45.0, "evaluate": 120.0})
+    # 60 steps of 1.5 s on two workers; the 200 validation questions (0.3 s each) at steps 0, 25, 50 and 60, the 200
+    # test questions (0.1 s) before training and at the end
+    assert parts == pytest.approx(
+        {"start": RAY_TRAIN_START_S, "load": 2.0, "train": 45.0, "evaluate": 4 * 200 * 0.3 + 2 * 200 * 0.1}
+    )
     tuning = dataclasses.replace(config, evaluate_test=False, val_size=100, eval_every=None)
-    assert trial_seconds(tuning, load_data(tuning), measured)["evaluate"] == pytest.approx(2 * 100 * 0.1)
+    assert trial_seconds(tuning, load_data(tuning), measured)["evaluate"] == pytest.approx(2 * 100 * 0.3)
 
 
 def test_the_tuned_comparison_compares_lora_at_denselora_s_parameter_count_by_the_exact_formulas():
@@ -292,8 +295,8 @@ def test_the_tuned_comparison_compares_lora_at_denselora_s_parameter_count_by_th
     nearest = min(range(1, 65), key=lambda r: abs(lora_trainable(shapes, r) - dense))
     assert nearest == 2 and lora_trainable(shapes, 2) == 414_720
     configurations = [{k: v for k, v in p.items() if k != "seed"} for p in sweep.points]
-    assert configurations[::3] == [{"method": "denselora", "rank": 32}, {"method": "lora", "rank": 32},
-                                   {"method": "lora", "rank": 2}]
+    assert configurations[::3] == [{"method": "denselora", "rank": 32}, {"method": "lora", "rank": 2},
+                                   {"method": "lora", "rank": 32}]
     assert [p["seed"] for p in sweep.points] == [42, 43, 44] * 3
     tuning = tuning_of(parser(study, "").parse_args([]))
     assert (tuning.setting, tuning.values, tuning.extend) == ("lr", (1e-4, 3e-4, 1e-3, 3e-3), 2)

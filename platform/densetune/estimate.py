@@ -1,5 +1,7 @@
 """What a trial will take before it runs: its model with its adapter built in this process, two of its training steps
-and one batch of its evaluation timed on this machine, and those times scaled to the trial's steps and questions.
+and one batch of each set it evaluates timed on this machine, and those times scaled to the trial's steps and
+questions. Each set is timed on its own: a question's cost differs tenfold between benchmarks (a BoolQ question is
+scored on one token, a PIQA question runs its context once per option).
 
 An estimate, not a promise: it assumes every step costs what the measured ones did, data-parallel workers that scale
 perfectly, and Ray Train's start-up as measured on the project's 2-core machine (docs/PERFORMANCE.md).
@@ -33,12 +35,12 @@ class Measured:
     precision: str
     load_s: float  # loading the model and applying the adapter
     step_s: float  # one optimizer step of the trial's global batch, on one worker
-    question_s: float  # one evaluation question
+    question_s: dict[str, float]  # one question of each set the trial evaluates, by set: test/<name>, val/<name>
 
 
 def measure(config: TrialConfig, data: TrialData, steps: int = 2) -> Measured:
     """Time `config`'s model on this machine: loading it, `steps` training steps after one that warms up, one batch of
-    evaluation questions. Nothing is saved; the weights it trains are thrown away."""
+    questions of each set it evaluates. Nothing is saved; the weights it trains are thrown away."""
     # transformers draws a bar for loading the weights: a dry run prints its estimate only
     hf_logging.disable_progress_bar()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -57,12 +59,15 @@ def measure(config: TrialConfig, data: TrialData, steps: int = 2) -> Measured:
         train_step(model, inputs, token_counts(lengths, micro_batches), 1, device, precision, config, optimizer)
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - started)
-    name, rows = eval_set(dataclasses.replace(config, eval_limit=config.eval_batch_size), *data.eval_sets[0])
-    started = time.perf_counter()
-    with mixed.autocast(precision, device):
-        evaluate(model, tokenizer, name, rows, config.eval_mode, config.max_new_tokens, config.eval_batch_size,
-                 protocol=config.protocol)
-    question_s = (time.perf_counter() - started) / len(rows)
+    sample = dataclasses.replace(config, eval_limit=config.eval_batch_size)
+    question_s = {}
+    for key, (name, rows) in evaluated_sets(data).items():
+        name, rows = eval_set(sample, name, rows)
+        started = time.perf_counter()
+        with mixed.autocast(precision, device):
+            evaluate(model, tokenizer, name, rows, config.eval_mode, config.max_new_tokens, config.eval_batch_size,
+                     protocol=config.protocol)
+        question_s[key] = (time.perf_counter() - started) / len(rows)
     measured = times[1:] or times
     return Measured(device.type, precision, load_s, sum(measured) / len(measured), question_s)
 
@@ -72,14 +77,25 @@ def total_steps(config: TrialConfig, data: TrialData) -> int:
     return config.max_steps or config.epochs * (len(training_rows(config, data)) // config.batch_size)
 
 
-def questions(config: TrialConfig, data: TrialData) -> int:
-    """The questions the trial answers in all: the test split's at the end (and at step 0 with eval_at_start), the
-    validation set's at step 0, every eval_every steps and at the end."""
+def evaluated_sets(data: TrialData) -> dict[str, tuple[str, list[dict]]]:
+    """The sets a trial evaluates, by key (test/<name>, val/<name>): each benchmark's test split, each validation
+    set."""
+    return {
+        **{f"test/{name}": (name, rows) for name, rows in data.eval_sets},
+        **{f"val/{name}": (name, rows) for name, rows in data.val_sets},
+    }
+
+
+def questions(config: TrialConfig, data: TrialData) -> dict[str, int]:
+    """The questions the trial answers in all, by set: a test split's at the end (and at step 0 with eval_at_start),
+    a validation set's at step 0, every eval_every steps and at the end."""
     steps = total_steps(config, data)
-    test = sum(len(eval_set(config, name, rows)[1]) for name, rows in data.eval_sets)
-    validation = sum(len(rows) for _, rows in data.val_sets)
     periodic = (steps - 1) // config.eval_every if config.eval_every else 0
-    return int(config.evaluate_test) * (1 + int(config.eval_at_start)) * test + (2 + periodic) * validation
+    times = {"test": int(config.evaluate_test) * (1 + int(config.eval_at_start)), "val": 2 + periodic}
+    return {
+        key: times[key.split("/")[0]] * len(eval_set(config, name, rows)[1] if key.startswith("test/") else rows)
+        for key, (name, rows) in evaluated_sets(data).items()
+    }
 
 
 def trial_seconds(config: TrialConfig, data: TrialData, measured: Measured) -> dict[str, float]:
@@ -88,5 +104,5 @@ def trial_seconds(config: TrialConfig, data: TrialData, measured: Measured) -> d
     return {
         "start": RAY_TRAIN_START_S, "load": measured.load_s,
         "train": steps * measured.step_s / max(1, config.num_workers),
-        "evaluate": questions(config, data) * measured.question_s,
+        "evaluate": sum(count * measured.question_s[key] for key, count in questions(config, data).items()),
     }

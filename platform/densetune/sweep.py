@@ -399,7 +399,8 @@ def dry_run(sweep: SweepConfig) -> list[str]:
         *(f"  trial {i}: {text}" for i, text in enumerate(listed, 1)),
         f"each trial: {first.num_workers} worker(s) of {per_worker}" + (" (and GPUs if the cluster has them)" if first.use_gpu is None else ""),
         f"measured here on {measured.device} in {measured.precision} ({settings_label(points[0])}): "
-        f"load {measured.load_s:.1f} s, {measured.step_s:.2f} s per step, {measured.question_s:.3f} s per question",
+        f"load {measured.load_s:.1f} s, {measured.step_s:.2f} s per step; s per question: "
+        + ", ".join(f"{key} {seconds:.3f}" for key, seconds in measured.question_s.items()),
         "estimate per trial: " + " + ".join(f"{k} {v:.0f} s" for k, v in parts.items()) + f" = {clock(one)} (m:ss)",
     ]
     if at_once:
