@@ -169,9 +169,12 @@ def test_configurations_table_holds_hand_computed_means_and_intervals(written):
         arc = hand_interval([TRAINED[method, seed][0] / QUESTIONS for seed in (1, 2, 3)])
         line_average = next(line for line in text.splitlines() if line.startswith(f"| method={method} | average |"))
         line_arc = next(line for line in text.splitlines() if line.startswith(f"| method={method} | arc |"))
-        # seeds, trainable params, untuned, trained, gain, majority baseline (the mean of 48 % and 60 %)
+        validation = hand_interval([VALIDATION[method, seed][-1] for seed in (1, 2, 3)])
+        # seeds, trainable params, untuned, trained, gain, validation (what chose), majority baseline (the mean of 48 %
+        # and 60 %)
         assert f"| 3 | {PARAMS[method]:,} |" in line_average
-        assert f"| 40.0 | {shown(mean, half_width)} | {shown(gain_mean, gain_half_width)} | 54.0 |" in line_average
+        assert f"| 40.0 | {shown(mean, half_width)} | {shown(gain_mean, gain_half_width)} | {shown(*validation)} | " \
+               "54.0 |" in line_average
         assert f"| {shown(*arc)} |" in line_arc and line_arc.endswith("| 48.0 (answer1) |")
     assert shown(*hand_interval([0.86, 0.90, 0.88])) == "88.0 ± 5.0"  # the DenseLoRA row, worked out on paper
 

@@ -105,6 +105,16 @@ def test_a_tuned_study_picks_on_validation_then_compares_at_the_picks(local_ray,
     section = text.split("## Tuning: each configuration at its own lr")[1].split("\n## ")[0]
     row = [line for line in section.splitlines() if line.startswith("| rank=2 |")][0]
     assert row.count("**") == 2 and f"{100 * chosen.data.metrics[VAL]:.1f}**" in row
+    assert "- phase: the comparison of tuned study tl, every configuration at its own lr" in text
+    # a tuning sweep's report says what it is, has no tuning table, and shows each value's validation accuracy
+    text = write_report("tl-tuning-1", result.comparison.tracking_uri, out=tmp_path / "tuning").read_text()
+    assert "- phase: tuning lr for tuned study tl: one seed, judged on the validation set; the test split was not " \
+           "evaluated" in text
+    assert "## Tuning" not in text and "; the test split was not evaluated." in text
+    table = text.split("## Configurations")[1].split("\n## ")[0]
+    for run in (r for r in grid if r.info.status == "FINISHED"):
+        row = [line for line in table.splitlines() if f"lr={run.data.params['lr']} |" in line][0]
+        assert f"| {100 * run.data.metrics[VAL]:.1f} ± n/a |" in row
 
 
 def test_a_configuration_whose_every_tuning_trial_diverges_fails_the_study_before_the_comparison(local_ray, tmp_path):

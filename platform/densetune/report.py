@@ -321,8 +321,21 @@ def header(record: SweepRecord, command: str) -> list[str]:
         f"- protocol: {', '.join(protocols) or 'not recorded'}",
         f"- search space: {params.get('space', 'not recorded')}",
         f"- trials: {', '.join(f'{n} {status}' for status, n in statuses.items()) or 'none'}",
+        *phase_line(record),
         f"- regenerate: `{command}`", "",
     ]
+
+
+def phase_line(record: SweepRecord) -> list[str]:
+    """For a sweep of a --tune study: which of its phases this sweep is."""
+    study = tuned_study(MlflowClient(record.tracking_uri), record.parent)
+    if study is None:
+        return []
+    name, setting = study.info.run_name, study.data.params.get("tuned", "a setting")
+    if is_comparison(study, record.parent):
+        return [f"- phase: the comparison of tuned study {name}, every configuration at its own {setting}"]
+    return [f"- phase: tuning {setting} for tuned study {name}: one seed, judged on the validation set; the test split "
+            "was not evaluated"]
 
 
 def how_to_read() -> list[str]:
@@ -344,8 +357,8 @@ def tuning_section(record: SweepRecord, downloads: Path) -> list[str]:
     """Where the sweep is --tune's comparison phase: the tuning table its study run keeps (tracking.TUNING_TABLE), each
     configuration's validation result at every value tried, its pick in bold."""
     client = MlflowClient(record.tracking_uri)
-    study = study_run(client, record.parent)
-    if study is None:
+    study = tuned_study(client, record.parent)
+    if study is None or not is_comparison(study, record.parent):
         return []
     params = study.data.params
     table = pd.read_csv(client.download_artifacts(study.info.run_id, TUNING_TABLE, str(downloads)))
@@ -368,11 +381,17 @@ def tuning_section(record: SweepRecord, downloads: Path) -> list[str]:
     ]
 
 
-def study_run(client: MlflowClient, sweep_run: Run) -> Optional[Run]:
+def tuned_study(client: MlflowClient, sweep_run: Run) -> Optional[Run]:
     """The --tune study run this sweep's run is nested under, if it is one."""
     parent = sweep_run.data.tags.get(MLFLOW_PARENT_RUN_ID)
     run = client.get_run(parent) if parent else None
     return run if run is not None and run.data.tags.get(ROLE) == TUNED_ROLE else None
+
+
+def is_comparison(study: Run, sweep_run: Run) -> bool:
+    """Whether the sweep is its tuned study's comparison, which bears the study's name (its tuning sweeps bear
+    <name>-tuning-<k>)."""
+    return study.data.tags.get(SWEEP) == sweep_run.data.tags.get(SWEEP)
 
 
 def choices_section(record: SweepRecord) -> list[str]:
@@ -403,19 +422,26 @@ def choices_section(record: SweepRecord) -> list[str]:
         row = finished[finished["trial_id"] == trial.key].iloc[0]
         lines.append(f"- Best trial (finished trials only; ties go to the next objective, then the earlier trial): "
                      f"{trial.key} ({row['configuration']}, seed {row['seed']}): {objective_values(trial, objectives)}; "
-                     f"its test accuracy {percent(row.get(f'accuracy/{AVERAGE}'))} % is reported, not chosen on.")
+                     f"{test_reported(finished.loc[finished['trial_id'] == trial.key])}.")
     means = finished.groupby("configuration")[[m for m, _ in objectives if m in finished]].mean()
     chosen = best([candidate(row, name, objectives) for name, row in means.iterrows()], objectives)
     if chosen is not None and finished["configuration"].nunique() > 1:
-        tested = finished.loc[finished["configuration"] == chosen.key, f"accuracy/{AVERAGE}"] \
-            if f"accuracy/{AVERAGE}" in finished else pd.Series(dtype=float)
         lines.append(f"- Best configuration (the objectives' means over its seeds): {chosen.key}: "
-                     f"{objective_values(chosen, objectives)}; its test accuracy {percent_interval(*interval(tested))} "
-                     "% is reported, not chosen on.")
+                     f"{objective_values(chosen, objectives)}; "
+                     f"{test_reported(finished.loc[finished['configuration'] == chosen.key])}.")
     lines += ["- The front of accuracy against size (Figures) is drawn on the validation accuracy. Every other accuracy "
               "in this report (untuned, trained, gains, pairs, methods) is the test split's, reported only: none chose "
               "anything.", ""]
     return lines
+
+
+def test_reported(trials: pd.DataFrame) -> str:
+    """What the chosen trials scored on the test split (mean and interval over them), said as reported only."""
+    metric = f"accuracy/{AVERAGE}"
+    if metric not in trials or trials[metric].isna().all():
+        return "the test split was not evaluated"
+    shown = percent(trials[metric].iloc[0]) if len(trials) == 1 else percent_interval(*interval(trials[metric]))
+    return f"its test accuracy {shown} % is reported, not chosen on"
 
 
 def candidate(row: pd.Series, key: str, objectives: Sequence[tuple[str, str]]) -> Candidate:
@@ -465,13 +491,18 @@ def configurations_section(record: SweepRecord) -> list[str]:
                 row[f"untuned{tag}"] = percent(group[f"untuned_{metric}"].mean())
                 row[f"trained{tag}"] = percent_interval(*interval(group[f"trained_{metric}"]))
                 row[f"gain{tag}"] = percent_interval(*interval(gain(group, metric)))
+            if record.validation:  # what chose, beside what is reported
+                row["validation (trained)"] = (
+                    percent_interval(*interval(group[record.validation])) if benchmark == AVERAGE else ""
+                )
             answer, share = majority(answers, benchmark) if answers else ("", math.nan)
             row["majority baseline"] = f"{percent(share)} ({answer})" if answer else percent(share)
             rows.append(row)
     return [
         "## Configurations", "",
         "Finished trials grouped by their searched settings except the seed, smallest first: accuracy before "
-        "training (untuned), after it (trained), and the gain, each a mean over seeds.", "",
+        "training (untuned), after it (trained), and the gain, each a mean over seeds; validation (trained): the "
+        "validation set's average accuracy at the end, what the sweep chose on.", "",
         *markdown_table(pd.DataFrame(rows).fillna("n/a")), "",
     ]
 
