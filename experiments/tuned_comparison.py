@@ -1,7 +1,8 @@
 """The paper's question asked again: does DenseLoRA match LoRA, at equal trainable parameters and at equal rank, when
 each runs at its own learning rate and trains longer?
 
-    python experiments/tuned_comparison.py                 # SmolLM2-135M: about 4 h on 2 CPU cores without bf16 (its dry run)
+    python experiments/tuned_comparison.py                 # SmolLM2-135M: about 5 h on 2 CPU cores without bf16
+                                                           # (a tuning trial took 18-20 min there, two at a time)
     python experiments/tuned_comparison.py --smoke         # the same on the tiny random model, ~7 min (7 sweeps)
     python experiments/tuned_comparison.py --dry-run       # the plan and an estimate of its time here
     ray job submit --working-dir . -- python experiments/tuned_comparison.py --gpus-per-worker 0.5 --max-steps 2000
@@ -36,7 +37,8 @@ STUDY = Study(
     configurations=configurations,
     trial={
         "max_steps": 180, "warmup_steps": 18, "eval_every": 60, "eval_datasets": ["commonsense"], "eval_limit": 100,
-        # two trials at once on 2 cores, one thread each: 1.3-1.4x the steps per second of one trial on both
+        # two trials at once, one core each: on 2 cores they took a step each in 3.8-4.2 s, where one trial on both
+        # cores took 2.6-2.8 s (timed in-process, 2026-12-07)
         "cpus_per_worker": 1.0,
     },
     columns=("trainable_params", "trainable_pct"),
