@@ -79,6 +79,7 @@ class SweepRecord:
     metrics: list[str]  # accuracy/<benchmark>, accuracy/average, and accuracy_norm/... under the text protocol
     answers: dict[str, Answers]  # run id -> its predictions, for the finished trials that logged them
     snapshots: list[str]  # run ids of the finished trials that logged increment snapshots
+    tuned: Optional[Run] = None  # the --tune study run this sweep is a phase of, if it is one
 
     @property
     def objectives(self) -> list[tuple[str, str]]:
@@ -137,7 +138,10 @@ def load_sweep(sweep: str, tracking_uri: str, study: Optional[str], downloads: P
         if PREDICTIONS in names
     }
     snapshots = [run_id for run_id, names in artifacts.items() if SNAPSHOTS in names]
-    return SweepRecord(sweep, experiment, tracking_uri, parent, trials, searched, metrics, answers, snapshots)
+    return SweepRecord(
+        sweep, experiment, tracking_uri, parent, trials, searched, metrics, answers, snapshots,
+        tuned_study(client, parent),
+    )
 
 
 def find_parent(client: MlflowClient, sweep: str, tracking_uri: str, study: Optional[str]) -> Run:
@@ -328,7 +332,7 @@ def header(record: SweepRecord, command: str) -> list[str]:
 
 def phase_line(record: SweepRecord) -> list[str]:
     """For a sweep of a --tune study: which of its phases this sweep is."""
-    study = tuned_study(MlflowClient(record.tracking_uri), record.parent)
+    study = record.tuned
     if study is None:
         return []
     name, setting = study.info.run_name, study.data.params.get("tuned", "a setting")
@@ -356,10 +360,10 @@ def how_to_read() -> list[str]:
 def tuning_section(record: SweepRecord, downloads: Path) -> list[str]:
     """Where the sweep is --tune's comparison phase: the tuning table its study run keeps (tracking.TUNING_TABLE), each
     configuration's validation result at every value tried, its pick in bold."""
-    client = MlflowClient(record.tracking_uri)
-    study = tuned_study(client, record.parent)
+    study = record.tuned
     if study is None or not is_comparison(study, record.parent):
         return []
+    client = MlflowClient(record.tracking_uri)
     params = study.data.params
     table = pd.read_csv(client.download_artifacts(study.info.run_id, TUNING_TABLE, str(downloads)))
     setting, metric = params["tuned"], params["metric"]
