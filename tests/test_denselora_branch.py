@@ -7,13 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy import stats
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
 import densemod
 from conftest import PAPER_TARGETS, make_tiny_llama
 from densemod.denselora import dropout as sparse_dropout
 from densemod.denselora import layer as denselora_layer
 from densemod.denselora.branch import dense_branch
-from densemod.denselora.dropout import drop_positions
+from densemod.denselora.dropout import draw_drops, drop_mask, drop_positions, zero_at
 
 # With dropout the two branches apply 1 / (1 - p) at different places, so they round differently.
 FP32 = dict(rtol=1e-4, atol=1e-5)
@@ -22,9 +23,15 @@ BF16 = dict(rtol=2e-2, atol=2e-2)
 
 
 def keep_mask(count: int, p: float, device: torch.device) -> torch.Tensor:
-    mask = torch.ones(count, device=device)
-    mask[drop_positions(count, p, device)] = 0
-    return mask
+    return zero_at(torch.ones(count, device=device), draw_drops(count, p, device))
+
+
+@pytest.fixture(params=["positions", "mask"])
+def dropout_path(request, monkeypatch):
+    """Each of dropout's two draws on CPU tensors: the CPU's positions, and the mask a GPU draws."""
+    if request.param == "mask":
+        monkeypatch.setattr(sparse_dropout, "uses_mask", lambda device: True)
+    return request.param
 
 
 def written_out_branch(x, w_e, m, w_d, scaling, dropout, activate):
@@ -71,7 +78,7 @@ def test_without_dropout_the_fused_branch_equals_the_written_out_one_bit_for_bit
 
 
 @pytest.mark.parametrize("activate", [True, False], ids=["gelu", "only_matrix"])
-def test_with_dropout_the_fused_branch_equals_the_written_out_one_under_the_same_seed(activate):
+def test_with_dropout_the_fused_branch_equals_the_written_out_one_under_the_same_seed(dropout_path, activate):
     fused = outputs_and_grads(dense_branch, "float32", 0.2, activate)
     reference = outputs_and_grads(written_out_branch, "float32", 0.2, activate)
     for got, expected in zip(fused, reference):
@@ -82,7 +89,7 @@ def test_with_dropout_the_fused_branch_equals_the_written_out_one_under_the_same
 
 
 @pytest.mark.parametrize("activate", [True, False], ids=["gelu", "only_matrix"])
-def test_with_dropout_in_bfloat16_the_fused_branch_is_as_accurate_as_the_written_out_one(activate):
+def test_with_dropout_in_bfloat16_the_fused_branch_is_as_accurate_as_the_written_out_one(dropout_path, activate):
     # The two round in different places, so each is compared with the float32 result: over 20 seeds the fused
     # branch's error was 0.98-1.01 times the written-out one's on average, 1.26 times at worst (2026-11-29).
     truth = outputs_and_grads(written_out_branch, "float32", 0.2, activate)
@@ -94,7 +101,7 @@ def test_with_dropout_in_bfloat16_the_fused_branch_is_as_accurate_as_the_written
         assert reference_error < 0.02 and error < 1.5 * reference_error
 
 
-def test_frozen_projections_get_no_gradient():
+def test_frozen_projections_get_no_gradient(dropout_path):
     fused = outputs_and_grads(dense_branch, "float32", 0.2, True, requires_grad=(False, True, False))
     reference = outputs_and_grads(written_out_branch, "float32", 0.2, True, requires_grad=(False, True, False))
     assert fused[2] is None and fused[4] is None
@@ -124,6 +131,77 @@ def test_backward_keeps_the_input_and_r_wide_tensors_only():
     assert len(positions) == 3 and sum(s[0] for s in positions) < 0.15 * 128 * (64 + 8 + 96)
 
 
+def test_on_the_mask_path_backward_keeps_a_byte_per_dropout_element(monkeypatch):
+    monkeypatch.setattr(sparse_dropout, "uses_mask", lambda device: True)
+    shapes = saved_shapes(dense_branch, 0.1)
+    assert sorted(shape for shape, dtype in shapes if dtype.is_floating_point) == sorted(
+        [(128, 64), (8, 64), (8, 8), (96, 8), (128, 8), (128, 8), (128, 8)]
+    )
+    assert sorted(shape for shape, dtype in shapes if not dtype.is_floating_point) == [
+        (128 * 8,), (128 * 64,), (128 * 96,)
+    ]
+    assert all(dtype == torch.bool for _, dtype in shapes if not dtype.is_floating_point)
+
+
+def test_dropout_draws_positions_on_a_cpu_and_a_mask_elsewhere():
+    assert draw_drops(1000, 0.5, "cpu").dtype == torch.int64
+    assert draw_drops(1000, 0.5, "meta").dtype == torch.bool
+    assert not sparse_dropout.uses_mask(torch.device("cpu")) and sparse_dropout.uses_mask(torch.device("cuda", 0))
+
+
+def test_the_mask_path_reads_nothing_back_to_the_host(monkeypatch):
+    # Fake tensors hold no data, so any read of a value on the host (.item(), int(t), .tolist(), an `if` on a value,
+    # nonzero's data-dependent shape) raises under FakeTensorMode, as the positions path shows. The branch running
+    # forward and backward there on the mask path proves that path, and the branch around it, read nothing back.
+    # (A fake CUDA tensor would take the mask path unforced, but autograd on one aborts a build without CUDA.)
+    monkeypatch.setattr(sparse_dropout, "uses_mask", lambda device: True)
+    with FakeTensorMode():
+        with pytest.raises(DataDependentOutputException):
+            drop_positions(1000, 0.1)
+        for activate in (True, False):
+            x = torch.empty(4, 32, 64, requires_grad=True)
+            weights = [torch.empty(shape, requires_grad=True) for shape in ((8, 64), (8, 8), (96, 8))]
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+                out = dense_branch(x, *weights, 1.5, 0.2, activate)
+            out.backward(torch.empty_like(out))
+            assert saved.count(torch.bool) == 3
+            assert x.grad.shape == x.shape and [w.grad.shape for w in weights] == [w.shape for w in weights]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here: this checks that the branch on one never "
+                    "synchronises with the host, under torch.cuda.set_sync_debug_mode('error')")
+@pytest.mark.parametrize("activate", [True, False], ids=["gelu", "only_matrix"])
+def test_on_a_gpu_the_branch_never_syncs_with_the_host(activate):
+    x, weights = branch_inputs()
+    leaves = [t.detach().cuda().requires_grad_() for t in (x, *weights)]
+    grad_out = torch.randn(4, 32, 96, device="cuda")  # made before the check: a copy from the host syncs
+
+    def fresh():
+        for t in leaves:
+            t.grad = None
+        torch.manual_seed(7)
+
+    def run(branch):
+        out = branch(*leaves, 1.5, 0.2, activate)
+        out.backward(grad_out)
+        return [out.detach(), *(t.grad for t in leaves)]
+
+    run(dense_branch)  # libraries initialise on a first call, once per process rather than once per step
+    fresh()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fused = run(dense_branch)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    # and it is still dropout, with the written-out branch's output and gradients at the same masks
+    assert 0.15 < float((fused[0] == 0).float().mean()) < 0.25
+    fresh()
+    for got, expected in zip(fused, run(written_out_branch)):
+        torch.testing.assert_close(got, expected, **FP32)
+
+
 def fast_and_written_out(monkeypatch, model_for, run):
     """run(model) once with the fused branch and once with the written-out one, from the same seed."""
     results = []
@@ -146,7 +224,7 @@ def loss_and_grads(model, precision):
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize("share_scope", ["kind", "layer"])
 @pytest.mark.parametrize("variant", ["denselora", "freeze", "only_matrix"])
-def test_a_model_trains_alike_with_either_branch(monkeypatch, variant, share_scope, precision):
+def test_a_model_trains_alike_with_either_branch(monkeypatch, dropout_path, variant, share_scope, precision):
     def model_for():
         def config(**settings):
             return densemod.DenseLoraConfig(r=8, lora_dropout=0.1, init_weights=False, **settings)
@@ -172,7 +250,7 @@ def test_a_model_trains_alike_with_either_branch(monkeypatch, variant, share_sco
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_gradient_checkpointing_redraws_the_same_dropout(reentrant):
+def test_gradient_checkpointing_redraws_the_same_dropout(dropout_path, reentrant):
     def grads(checkpointing):
         model = peft.get_peft_model(
             make_tiny_llama(), densemod.DenseLoraConfig(r=8, lora_dropout=0.2, target_modules=PAPER_TARGETS,
@@ -190,35 +268,61 @@ def test_gradient_checkpointing_redraws_the_same_dropout(reentrant):
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_dropped_positions_are_sorted_distinct_and_reproducible():
-    torch.manual_seed(0)
-    first = drop_positions(10_000, 0.3)
-    torch.manual_seed(0)
-    assert torch.equal(first, drop_positions(10_000, 0.3))
-    assert first.dtype == torch.int64 and bool((first[1:] > first[:-1]).all())
-    assert 0 <= int(first[0]) and int(first[-1]) < 10_000
+DRAWS = {"positions": drop_positions, "mask": drop_mask}
 
 
-def test_no_dropout_draws_nothing():
+def dropped_positions(path: str, n: int, p: float) -> torch.Tensor:
+    drops = DRAWS[path](n, p)
+    return drops if path == "positions" else drops.nonzero().view(-1)
+
+
+@pytest.mark.parametrize("path", DRAWS)
+def test_drops_are_reproducible(path):
+    torch.manual_seed(0)
+    first = DRAWS[path](10_000, 0.3)
+    torch.manual_seed(0)
+    assert torch.equal(first, DRAWS[path](10_000, 0.3))
+
+
+def test_dropped_positions_are_sorted_and_distinct():
+    torch.manual_seed(0)
+    positions = drop_positions(10_000, 0.3)
+    assert positions.dtype == torch.int64 and bool((positions[1:] > positions[:-1]).all())
+    assert 0 <= int(positions[0]) and int(positions[-1]) < 10_000
+
+
+def test_the_drop_mask_is_one_flag_per_element():
+    torch.manual_seed(0)
+    mask = drop_mask(10_000, 0.3)
+    assert mask.dtype == torch.bool and mask.shape == (10_000,)
+
+
+@pytest.mark.parametrize("path", DRAWS)
+def test_no_dropout_draws_nothing(path):
     state = torch.get_rng_state()
-    assert drop_positions(1000, 0.0).numel() == 0
+    assert DRAWS[path](1000, 0.0).numel() == 0
     assert torch.equal(torch.get_rng_state(), state)
 
 
+@pytest.mark.parametrize("path", DRAWS)
 @pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])
-def test_a_probability_outside_0_1_is_refused(p):
+def test_a_probability_outside_0_1_is_refused(path, p):
     with pytest.raises(ValueError, match=rf"dropout probability must be in \[0, 1\), got {p}"):
-        drop_positions(10, p)
+        DRAWS[path](10, p)
 
 
-@pytest.mark.parametrize("spare", [8.0, -4.0], ids=["one batch", "batches short of the end"])
+@pytest.mark.parametrize(
+    "path, spare", [("positions", 8.0), ("positions", -4.0), ("mask", None)],
+    ids=["positions, one batch", "positions, batches short of the end", "mask"],
+)
 @pytest.mark.parametrize("p", [0.05, 0.5])
-def test_drops_are_independent_bernoulli(monkeypatch, p, spare):
+def test_drops_are_independent_bernoulli(monkeypatch, path, p, spare):
     # With -4 deviations to spare the first batch of gaps almost never reaches the end: the rest must still be drawn.
-    monkeypatch.setattr(sparse_dropout, "_SPARE_DEVIATIONS", spare)
+    if spare is not None:
+        monkeypatch.setattr(sparse_dropout, "_SPARE_DEVIATIONS", spare)
     n, width = 400_000, 64
     torch.manual_seed(11)
-    positions = drop_positions(n, p)
+    positions = dropped_positions(path, n, p)
     mask = torch.zeros(n, dtype=torch.bool)
     mask[positions] = True
 

@@ -2,10 +2,10 @@
 
 Written out with autograd, the branch keeps for backward the decoder's output and dropout's mask (a float per element
 on a CPU), both as wide as the layer's output (1,536 columns for SmolLM2's up_proj, 14,336 for LLaMA-3-8B's), where
-LoRA keeps its dropped input and an r-wide tensor. This function keeps the input, three r-wide tensors and the dropped
-positions, and recomputes the decoder's output in backward: one r-inner matmul, the size of LoRA's B. Dropout draws
-only the positions it drops (`dropout.py`) and its 1 / (1 - p) goes into the encoder's weights, an r-wide tensor and
-the output's scaling.
+LoRA keeps its dropped input and an r-wide tensor. This function keeps the input, three r-wide tensors and what
+dropout drops, and recomputes the decoder's output in backward: one r-inner matmul, the size of LoRA's B. On a CPU
+dropout draws only the positions it drops, on a GPU a boolean mask that needs no sync (`dropout.py`); its 1 / (1 - p)
+goes into the encoder's weights, an r-wide tensor and the output's scaling.
 
 It computes what the written-out branch computes, in the dtype autocast would give its matmuls (or M's dtype without
 autocast); tests/test_denselora_branch.py holds it to that reference, outputs and gradients, in float32 and bfloat16.
@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from .dropout import drop_positions, zero_at
+from .dropout import draw_drops, zero_at
 
 
 def compute_dtype(x: torch.Tensor, m: torch.Tensor) -> torch.dtype:
@@ -53,7 +53,7 @@ class DenseBranch(torch.autograd.Function):
             encoder = (w_e * keep if dropout else w_e).to(dtype)
             m, w_d = m.to(dtype), w_d.to(dtype)
             n, k, r, d = rows.shape[0], rows.shape[1], m.shape[0], w_d.shape[0]
-            dropped = [drop_positions(count, dropout, x.device) for count in (n * k, n * r, n * d)]
+            dropped = [draw_drops(count, dropout, x.device) for count in (n * k, n * r, n * d)]
 
             encoded = F.linear(dropped_copy(rows, dropped[0]), encoder)
             hidden = F.gelu(encoded) if activate else encoded
@@ -98,9 +98,9 @@ class DenseBranch(torch.autograd.Function):
         return grad_x, grad_w_e, grad_m, grad_w_d, None, None, None, None
 
 
-def dropped_copy(rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """rows with the elements at `positions` zeroed, as a new tensor (rows itself when nothing is dropped)."""
-    return zero_at(rows.clone(), positions) if positions.numel() else rows
+def dropped_copy(rows: torch.Tensor, drops: torch.Tensor) -> torch.Tensor:
+    """rows with the elements at `drops` (positions or mask) zeroed, as a new tensor (rows itself when none are)."""
+    return zero_at(rows.clone(), drops) if drops.numel() else rows
 
 
 def grad_mm(inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
