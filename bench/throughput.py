@@ -4,6 +4,7 @@ process, the start-up of a trial against Ray Train's own, and how fast the comma
 
     python bench/throughput.py                 # ~17 min on 2 CPU cores; docs/PERFORMANCE.md holds its output
     python bench/throughput.py --steps 20 --pairs 1   # shorter: fewer, shorter trials through Ray and in-process
+    python bench/throughput.py --datasets synthetic   # the built-in task, where the ARC-Easy files are absent
 
 It prints Markdown tables. Step times are medians of interleaved steps, so a machine that slows down during the run
 slows both sides alike.
@@ -62,15 +63,15 @@ def default_rows(datasets: list[str]) -> TokenizedRows:
     return load_data(dataclasses.replace(DEFAULT, datasets=datasets)).train
 
 
-def step_times(steps: int) -> str:
+def step_times(trial: TrialConfig, steps: int) -> str:
     """The trainer's own step (collate, forward, backward, clip, AdamW) in float32 and bfloat16 autocast, interleaved."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = default_rows(DEFAULT.datasets)
-    tokenizer = load_tokenizer(DEFAULT.model)
-    batches = epoch_batches(rows.lengths, DEFAULT.batch_size, DEFAULT.micro_batch_size, 0, DEFAULT.seed, 0, 1)
+    rows = default_rows(trial.datasets)
+    tokenizer = load_tokenizer(trial.model)
+    batches = epoch_batches(rows.lengths, trial.batch_size, trial.micro_batch_size, 0, trial.seed, 0, 1)
     results = []
     for method in ("denselora", "lora"):
-        config = dataclasses.replace(DEFAULT, method=method)
+        config = dataclasses.replace(trial, method=method)
         models = {p: build_model(config, p, device, total_steps=100)[:2] for p in ("float32", "bfloat16")}
         times: dict[str, list[float]] = {p: [] for p in models}
         for step in range(steps + 1):  # the first step of each warms up and is not counted
@@ -89,8 +90,8 @@ def step_times(steps: int) -> str:
         results.append([method, f"{fp32:.3f}", f"{bf16:.3f}", f"{fp32 / bf16:.2f}x"])
         del models
     title = (
-        f"Training step on {device}: {DEFAULT.model}, r={DEFAULT.rank} on {DEFAULT.targets}, batches of "
-        f"{DEFAULT.batch_size} ({DEFAULT.micro_batch_size} per micro-batch) of the default study's data, medians of "
+        f"Training step on {device}: {trial.model}, r={trial.rank} on {trial.targets}, batches of "
+        f"{trial.batch_size} ({trial.micro_batch_size} per micro-batch) of {', '.join(trial.datasets)}, medians of "
         f"{steps} interleaved steps"
     )
     return title + "\n\n" + table(["method", "float32 s/step", "bf16 autocast s/step", "speed-up"], results)
@@ -114,10 +115,10 @@ def padding() -> str:
     return title + "\n\n" + table(["data", "rows", "median / max tokens", "shuffled", "grouped by length"], results)
 
 
-def through_ray(steps: int, pairs: int, storage: str) -> str:
+def through_ray(trial: TrialConfig, steps: int, pairs: int, storage: str) -> str:
     """The default study's trial through Ray Train (one worker) and in this process (Ray Train's local mode), in the
     order Ray, here, here, Ray, ...: a machine that drifts slower or faster during the runs weighs on both alike."""
-    config = dataclasses.replace(DEFAULT, max_steps=steps, eval_limit=20, storage_path=storage)
+    config = dataclasses.replace(trial, max_steps=steps, eval_limit=20, storage_path=storage)
     runs: dict[int, list] = {1: [], 0: []}
     for workers in [w for pair in range(pairs) for w in ((1, 0) if pair % 2 == 0 else (0, 1))]:
         runs[workers].append(run_trial(dataclasses.replace(config, num_workers=workers, name=f"bench-{workers}-{time.time():.0f}")))
@@ -128,9 +129,9 @@ def through_ray(steps: int, pairs: int, storage: str) -> str:
             rows.append([label, f"{result.wall_time_s:.1f}", f"{step_s:.3f}", f"{result.summary['startup_s']:.1f}"])
     ray_s, here_s = (sum(r.wall_time_s for r in runs[w]) for w in (1, 0))
     title = (
-        f"A {steps}-step trial of the default study ({DEFAULT.model}, {DEFAULT.method} r={DEFAULT.rank}, "
-        f"{runs[0][0].summary['precision']}, evaluation on 20 questions), {pairs} of each: through Ray / in this "
-        f"process = {ray_s / here_s:.3f}x in wall time"
+        f"A {steps}-step trial of the default study ({trial.model} on {', '.join(trial.datasets)}, {trial.method} "
+        f"r={trial.rank}, {runs[0][0].summary['precision']}, evaluation on 20 questions), {pairs} of each: through "
+        f"Ray / in this process = {ray_s / here_s:.3f}x in wall time"
     )
     return title + "\n\n" + table(["run", "wall s", "median s/step", "run_trial to first step, s"], rows)
 
@@ -186,18 +187,24 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=2, help="trials through Ray and in this process, each")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--storage-path", default="/tmp/densetune-bench")
+    parser.add_argument(
+        "--datasets", default=",".join(DEFAULT.datasets),
+        help="the training data of the step times and the trials, comma-separated, as a trial names it: synthetic "
+             "where the benchmark files are absent (default: %(default)s)",
+    )
     args = parser.parse_args()
+    trial = dataclasses.replace(DEFAULT, datasets=args.datasets.split(","))
 
     print(f"# bench/throughput.py, {time.strftime('%Y-%m-%d')}\n\n{machine()}\n", flush=True)
     print(help_times(args.repeats) + "\n", flush=True)
     print(padding() + "\n", flush=True)
-    print(step_times(args.step_samples) + "\n", flush=True)
+    print(step_times(trial, args.step_samples) + "\n", flush=True)
     os.environ.update(RAY_ENV)
     started = time.perf_counter()
     ray.init(address="local", runtime_env={"env_vars": RAY_ENV}, log_to_driver=False)
     print(f"ray.init: {time.perf_counter() - started:.1f} s\n", flush=True)
     print(startup(args.repeats, args.storage_path) + "\n", flush=True)
-    print(through_ray(args.steps, args.pairs, args.storage_path), flush=True)
+    print(through_ray(trial, args.steps, args.pairs, args.storage_path), flush=True)
     ray.shutdown()
 
 

@@ -64,7 +64,7 @@ def test_the_fixed_sets_name_their_values(trial_help):
     assert "(default: the attention projections among the targets" in trial_help["--lora-targets"]
     assert "(one of: label, text; default: label)" in trial_help["--protocol"]
     assert "(one of: generate, loglik; default: generate)" in trial_help["--eval-mode"]
-    assert "(one of: auto, float32, bfloat16; default: auto)" in trial_help["--dtype"]
+    assert "(one of: auto, float32, bfloat16, float16; default: auto)" in trial_help["--dtype"]
     assert "(qkv, ud, qkvud, qkvo, qkvoud, all-linear)" in trial_help["--targets"]
     assert "(q, k, v, o, gate, up, down, or module names)" in trial_help["--targets"]
 

@@ -23,8 +23,8 @@ from densetune.protocols import training_pair
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "llm-adapters"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"LLM-Adapters data not found at {DATA}")
 ALLOWED = (
-    "a data set is a .json file, a folder holding {split}.json, the name of such a folder in the data folders, a Hub "
-    "id owner/name, or 'synthetic'"
+    "a data set is a .json file, a folder holding {split}.json (on this machine, or in a bucket: s3://, gs://), the "
+    "name of such a folder in the data folders, a Hub id owner/name, or 'synthetic'"
 )
 ROW = {"instruction": "Add 2 and 3.", "input": "", "output": "The answer is 5.", "answer": "5"}
 EOS = 2  # byte_tokenizer's "</s>"

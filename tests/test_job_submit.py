@@ -1,80 +1,49 @@
-"""`ray job submit` against a cluster started with `ray start --head` on this machine: the project's code reaches the
-job through its working directory, and the sweep's results land in the tracking store the job was given."""
+"""`ray job submit` against a cluster started with `ray start --head` on this machine, beside another Ray: the
+project's code reaches the job through its working directory, and the sweep's results land in the tracking store the
+job was given."""
 
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
-from densetune.trial import RAY_ENV
+from ray_head import DEFAULT_PORTS, RAY, port_is_free, ray_env, start_head
 
 ROOT = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).parent / "ray")
+AGENT_PORT = DEFAULT_PORTS["--dashboard-agent-listen-port"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            return
-        except urllib.error.HTTPError:
-            return  # it answered (401 without Ray's token)
-        except OSError:
-            assert time.monotonic() < deadline, f"{url} did not answer in {seconds} s"
-            time.sleep(1)
-
-
-def submit(command: list[str], env: dict[str, str], seconds: float) -> subprocess.CompletedProcess:
-    """`ray job submit`, again while the head's job agent is not up yet (on a busy machine it comes seconds after the
-    dashboard answers: "No available agent to submit job"); such a refusal starts no job."""
-    deadline = time.monotonic() + seconds
-    while True:
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-        if "No available agent to submit job" not in done.stdout + done.stderr or time.monotonic() > deadline:
-            return done
-        time.sleep(2)
-
-
-def test_a_study_submitted_as_a_ray_job_is_tracked(tmp_path):
-    dashboard = free_port()
-    # The cluster's Python is this venv's, as on a cluster whose nodes installed the project.
-    env = {
-        **os.environ, **RAY_ENV, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-    }
-    head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--num-cpus", "2", "--port", str(free_port()), "--dashboard-host",
-         "127.0.0.1", "--dashboard-port", str(dashboard), "--ray-client-server-port", str(free_port())],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+@pytest.fixture(scope="module")
+def another_ray() -> Iterator[None]:
+    """Another Ray on Ray's default ports, as a colleague's `ray start --head` or study would hold them: the one
+    running here already, else one started for this module."""
+    if not all(port_is_free(port) for port in DEFAULT_PORTS.values()):
+        yield
+        return
+    other = start_head(1, default_ports=True)
     try:
-        wait_for(f"http://127.0.0.1:{dashboard}/api/version", 90)
+        other.wait_for_job_agent()
+        yield
+    finally:
+        other.stop()
+
+
+def test_a_study_submitted_as_a_ray_job_is_tracked(tmp_path, another_ray):
+    head = start_head(2)
+    try:
+        head.wait_for_job_agent()
+        assert not port_is_free(AGENT_PORT), "no other Ray holds the job agent's default port"
         uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
-        job = submit(
-            [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT), "--",
-             "python", "experiments/rank_sweep.py", "--smoke", "--space", "rank=4", "--name", "job",
-             "--storage-path", str(tmp_path / "runs"), "--tracking-uri", uri],
-            env, 120,
+        job = subprocess.run(
+            [RAY, "job", "submit", "--address", head.dashboard, "--working-dir", str(ROOT), "--", "python",
+             "experiments/rank_sweep.py", "--smoke", "--space", "rank=4", "--name", "job", "--storage-path",
+             str(tmp_path / "runs"), "--tracking-uri", uri],
+            env=ray_env(), capture_output=True, text=True, timeout=300,
         )
     finally:
-        head.send_signal(signal.SIGTERM)  # --block: the head stops every Ray process it started
-        head.wait(timeout=60)
-        current = Path("/tmp/ray/ray_current_cluster")
-        if current.exists():  # it would point later bare ray.init() calls at the stopped head
-            current.unlink()
+        head.stop()
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "sweep job (1 trials)" in job.stdout and "mlflow ui --backend-store-uri " + uri in job.stdout
 

@@ -21,6 +21,36 @@ def test_a_local_folder_loads_through_the_hub_code_path(tmp_path):
         torch.testing.assert_close(model(ids).logits, tiny_llama(seed=3)(ids).logits)
 
 
+def saved_tiny_llama(folder) -> str:
+    tiny_llama(seed=3).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loading_on_the_cpu_gives_the_weights_it_gave_before(tmp_path, dtype):
+    """Before loading went to the worker's device, a model loaded on the host in `dtype` as below."""
+    from transformers import AutoModelForCausalLM
+
+    before = {
+        "tiny-llama": tiny_llama(seed=3).to(dtype),
+        saved_tiny_llama(tmp_path): AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=dtype),
+    }
+    for name, reference in before.items():
+        loaded = load_model(name, dtype=dtype, seed=3).state_dict()
+        assert loaded.keys() == reference.state_dict().keys(), name
+        for key, tensor in reference.state_dict().items():
+            assert loaded[key].device.type == "cpu" and torch.equal(loaded[key], tensor), (name, key)
+
+
+def test_a_model_loads_straight_onto_the_device_asked_for(tmp_path, monkeypatch):
+    """The meta device stands in for a worker's GPU."""
+    # transformers' hub kernels (on by default) refuse the meta device; a GPU they accept
+    monkeypatch.setenv("USE_HUB_KERNELS", "0")
+    for name in ("tiny-llama", saved_tiny_llama(tmp_path)):
+        model = load_model(name, dtype=torch.float16, device=torch.device("meta"))
+        assert {(p.device.type, p.dtype) for p in model.parameters()} == {("meta", torch.float16)}, name
+
+
 def test_tiny_llama_is_reproducible_and_uses_grouped_query_attention():
     a, b = tiny_llama(seed=0), tiny_llama(seed=0)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))

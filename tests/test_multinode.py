@@ -38,7 +38,8 @@ def three_nodes():
 
 
 def trial(tmp_path: Path, **settings) -> TrialConfig:
-    return TrialConfig(**{**LOCAL, **SMOKE, "storage_path": str(tmp_path), **settings})
+    # The nodes of this cluster share this machine's disk: a folder every node mounts, said so as a file:// URI.
+    return TrialConfig(**{**LOCAL, **SMOKE, "storage_path": tmp_path.as_uri(), **settings})
 
 
 def trial_runs(uri: str, study: str, sweep: str) -> tuple[MlflowClient, list, list]:
@@ -102,3 +103,10 @@ def test_a_trial_whose_node_is_lost_goes_on_from_its_checkpoint_on_another_node(
     # it resumed from the last checkpoint registered: the one before the newest folder when the kill began, that one,
     # or one written while the worker was being killed
     assert summary["resumed_from_step"] in range(lost["begun"] - 5, lost["written"] + 1, 5), lost
+
+
+def test_a_local_storage_path_is_refused_on_several_nodes_before_anything_is_written(three_nodes, tmp_path):
+    local = tmp_path / "runs"
+    with pytest.raises(ValueError, match=r"^storage_path '.*/runs' is a folder of this machine, and this Ray cluster "):
+        run_sweep(SweepConfig("multinode", {"rank": [4]}, trial(tmp_path, storage_path=str(local)), name="local"))
+    assert not local.exists()

@@ -1,7 +1,8 @@
 """Training state on disk, tensors as safetensors and the rest as JSON (no pickles).
 
 A checkpoint folder holds the adapter as PEFT saves it (adapter_model.safetensors, adapter_config.json), the
-optimizer's tensors and settings, the scheduler, the position in the data, and each worker's random state.
+optimizer's tensors and settings, the scheduler, float16's gradient scaler, the position in the data, and each worker's
+random state.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -43,22 +44,37 @@ def load_adapter(model: PeftModel, folder: Path) -> None:
     set_peft_model_state_dict(model, saved)
 
 
-def save_optimizer(optimizer: torch.optim.Optimizer, scheduler: Any, folder: Path) -> None:
-    state = optimizer.state_dict()
+class Optimization(NamedTuple):
+    """What moves the adapter's weights, saved and restored together: AdamW, its learning-rate schedule, and float16's
+    gradient scaler (None in the other precisions)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Optional[torch.amp.GradScaler] = None
+
+
+def save_optimizer(optimization: Optimization, folder: Path) -> None:
+    state = optimization.optimizer.state_dict()
     tensors = {f"{index}.{name}": value for index, slots in state["state"].items() for name, value in slots.items()}
     save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "optimizer.safetensors")
-    meta = {"param_groups": state["param_groups"], "scheduler": scheduler.state_dict()}
+    meta = {"param_groups": state["param_groups"], "scheduler": optimization.scheduler.state_dict()}
+    if optimization.scaler is not None:
+        meta["scaler"] = optimization.scaler.state_dict()  # the scale and its growth tracker: plain numbers
     (folder / "optimizer.json").write_text(json.dumps(meta))
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, scheduler: Any, folder: Path) -> None:
+def load_optimizer(optimization: Optimization, folder: Path) -> None:
     meta = json.loads((folder / "optimizer.json").read_text())
     slots: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in load_file(folder / "optimizer.safetensors").items():
         index, name = key.split(".", 1)
         slots.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
-    scheduler.load_state_dict(meta["scheduler"])
+    optimization.optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
+    optimization.scheduler.load_state_dict(meta["scheduler"])
+    # 'auto' precision follows the workers' hardware, so a run may resume in another one: a float16 run resumed from a
+    # bfloat16 checkpoint starts a fresh scaler, and the other way round the saved scale is not needed.
+    if optimization.scaler is not None and "scaler" in meta:
+        optimization.scaler.load_state_dict(meta["scaler"])
 
 
 def save_position(position: Position, folder: Path) -> None:

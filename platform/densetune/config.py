@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 EVAL_MODES = ("generate", "loglik")
 PROTOCOLS = ("label", "text")
-DTYPES = ("auto", "float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 # densemod's names (densemod.METHODS, DENSELORA_METHODS, VARIANTS and SHARE_SCOPES, the keys of densemod.TARGET_SETS
 # and of its target aliases), copied because `import densemod` imports torch and PEFT, which --help must not wait for;
 # tests/test_cli.py checks that the copies equal the originals.
@@ -122,9 +122,10 @@ class TrialConfig:
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, more time")
     seed: int = setting(42, "picks the training rows' order and subset and the adapter's initialisation")
     dtype: str = setting(
-        "auto", "auto: bfloat16 autocast where the hardware computes bf16 natively (GPU; CPU with AMX or AVX-512 "
-        "BF16), else float32; bfloat16: base weights in bf16 and bf16 autocast, adapter weights and optimizer state "
-        "in float32", DTYPES,
+        "auto", "auto: bfloat16 autocast where the hardware computes bf16 natively (GPU of compute capability 8+; "
+        "CPU with AMX or AVX-512 BF16), else float16 on a GPU and float32 on a CPU; bfloat16: base weights in bf16 "
+        "and bf16 autocast, adapter weights and optimizer state in float32; float16: the same in fp16, with a "
+        "gradient scaler", DTYPES,
     )
     # Ray Train worker group
     num_workers: int = setting(
@@ -173,7 +174,10 @@ class TrialConfig:
         None, "the run's folder under storage_path; an existing one is resumed",
         unset="<model>-<method>-<variant>-r<rank>-<time>",
     )
-    storage_path: str = setting("runs", "the folder or URI (s3://, gs://) of the runs, shared by all nodes")
+    storage_path: str = setting(
+        "runs", "the folder or URI of the runs: on a cluster of several nodes one that all reach, s3://bucket/runs, "
+        "gs://..., or file:///mnt/shared/runs for a folder every node mounts",
+    )
 
     def peft_config(self, total_steps: int) -> PeftConfig:
         """The adapter this trial trains (total_steps matters to AdaLoRA's schedule only)."""

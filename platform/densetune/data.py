@@ -6,19 +6,23 @@ pairs the way LLM-Adapters' finetune.py does, all at once, and `collate` pads so
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
+import urllib.parse
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
 from datasets import disable_progress_bars, load_dataset
 from datasets.exceptions import DatasetGenerationError
 from transformers import PreTrainedTokenizerBase
+
+from .storage import is_remote, join, read_text
 
 # Reading a local file takes well under a second; its progress bars would only stand between the user and a message.
 disable_progress_bars()
@@ -28,8 +32,8 @@ IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
 SYNTHETIC_SIZES = {"train": 2000, "test": 300}
 
 _ALLOWED = (
-    "a data set is a .json file, a folder holding {split}.json, the name of such a folder in the data folders, a Hub "
-    "id owner/name, or 'synthetic'"
+    "a data set is a .json file, a folder holding {split}.json (on this machine, or in a bucket: s3://, gs://), the "
+    "name of such a folder in the data folders, a Hub id owner/name, or 'synthetic'"
 )
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 # A suite name stands for these benchmarks (LLM-Adapters folder names), in the order of the DenseLoRA paper's Table 1,
@@ -56,8 +60,10 @@ def load_benchmark(source: str | Path, split: str = "train") -> Benchmark:
     source = str(source)
     if source == "synthetic":
         return synthetic_task(split)
-    path = Path(source)
     allowed = _ALLOWED.format(split=split)
+    if is_remote(source):
+        return _load_uri(source, split, allowed)
+    path = Path(source)
     if path.is_file():
         if path.suffix != ".json":
             raise ValueError(f"{source}: not a .json file ({allowed})")
@@ -126,6 +132,25 @@ def _has_split(name: str, split: str, folders: Sequence[Path]) -> bool:
     # The first folder called `name` must hold the split, as load_benchmark reads that one and no other.
     found = find_in_data_dirs(name, folders)
     return found is not None and (found / f"{split}.json").is_file()
+
+
+def _load_uri(source: str, split: str, allowed: str) -> Benchmark:
+    """A .json file, or a folder holding {split}.json, in a bucket (s3://, gs://): read through pyarrow, as the runs
+    are written, so that a cluster's driver reads its data where every node can."""
+    import pyarrow
+
+    location = PurePosixPath(urllib.parse.urlsplit(source).path)
+    file = source if location.suffix == ".json" else join(source, f"{split}.json")
+    try:
+        rows = json.loads(read_text(file))
+    except (OSError, ValueError, pyarrow.ArrowException) as error:  # JSONDecodeError is a ValueError
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"{file}: cannot read a JSON list of rows ({reason}; {allowed})") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{file}: not a JSON list of rows ({allowed})")
+    folder = location.parent if location.suffix == ".json" else location
+    name = folder.name if location.suffix != ".json" or location.stem in ("train", "test") else location.stem
+    return Benchmark(name, _validated(rows, file))
 
 
 def _read_json(path: Path) -> list[dict]:

@@ -24,6 +24,7 @@ from .config import (
     DEFAULT_METRIC, PROTOCOLS, SCHEDULERS, SEARCHABLE, SEARCHES, SweepConfig, TrialConfig, add_setting, comma_list,
     field_type, grid_points, points_space, shown,
 )
+from .storage import is_remote
 
 
 # One trial on 2 CPU cores in about three minutes that shows learning (docs/RESULTS.md says why these): SmolLM2-135M
@@ -293,7 +294,7 @@ def main(study: Study, description: str, argv: Optional[list[str]] = None) -> in
         print(f"error: {error}", file=sys.stderr)
         return 1
     # A sweep on a remote storage path keeps its report in MLflow only.
-    out = None if "://" not in result.path else tempfile.mkdtemp()
+    out = None if not is_remote(result.path) else tempfile.mkdtemp()
     report = write_report(result.name, result.tracking_uri, study.name, out)
     unsuccessful = [
         (result.diverged, "diverged (their loss was not finite; MLflow tag 'diverged' holds the step)"),

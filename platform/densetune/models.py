@@ -103,11 +103,18 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:
+def load_model(
+    name: str, dtype: torch.dtype = torch.float32, seed: int = 0, device: torch.device = torch.device("cpu")
+) -> PreTrainedModel:
+    """The model's weights in `dtype`, loaded straight onto `device`: a GPU worker never holds a copy in host memory
+    (an 8B model in bf16 is 16 GB)."""
     if name == "tiny-llama":
-        return tiny_llama(seed).to(dtype)
+        # Built on the host whatever the device: its random weights come from the CPU generator, so that one seed gives
+        # one model on a GPU worker and on the host that evaluates its adapter (CUDA's generator draws others). It is
+        # too small for the copy to matter.
+        return tiny_llama(seed).to(device=device, dtype=dtype)
     path = smollm2_folder() if name == "smollm2-135m" else name
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device})
 
 
 def meta_model(name: str) -> PreTrainedModel:

@@ -14,6 +14,7 @@ from datetime import timedelta
 from typing import Any, Optional
 
 import ray
+import torch
 import torch.distributed as dist
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _TorchBackend
@@ -33,6 +34,8 @@ class BoundTorchConfig(TorchConfig):
 
 class _BoundBackend(_TorchBackend):
     def on_start(self, worker_group: Any, backend_config: TorchConfig) -> None:
+        if worker_group.get_resources_per_worker().get("GPU", 0) > 0:
+            ray.get(worker_group.execute_async(require_cuda))
         address, port = worker_group.execute_single(0, bind_store_socket)
         ray.get([
             worker_group.execute_single_async(
@@ -41,6 +44,17 @@ class _BoundBackend(_TorchBackend):
             )
             for rank in range(len(worker_group))
         ])
+
+
+def require_cuda() -> None:
+    """On a worker that was given GPUs: fail at once, in one line, where torch finds none (a CPU build of torch, a
+    driver that does not match it), rather than in NCCL's set-up, or by training on the CPU."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"the trial asks for GPUs, but torch on its worker's node ({ray.util.get_node_ip_address()}) sees none "
+            f"(torch {torch.__version__}, CUDA {torch.version.cuda}): install a CUDA build of torch on the GPU nodes, "
+            "or train on CPUs (--no-use-gpu)"
+        )
 
 
 def bind_store_socket() -> tuple[str, int]:

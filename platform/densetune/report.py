@@ -35,6 +35,7 @@ from .curves import (
 )
 from .selection import FINISHED, Candidate, best, is_test_metric
 from .stats import McNemar, detectable_difference, holm, interval, majority_baseline, mcnemar
+from .storage import is_remote
 from .tables import count, markdown_table, percent, percent_interval, significant
 from .tracking import (
     DEVICE_SECONDS, PREDICTIONS, ROLE, SNAPSHOTS, SWEEP, TUNED_ROLE, TUNING_TABLE, experiment_ids, store_uri, sweep_runs,
@@ -829,7 +830,7 @@ def output_folder(record: SweepRecord, out: Optional[str | Path]) -> Path:
     if out is not None:
         return Path(out)
     folder = record.parent.data.params.get("folder")
-    if folder is None or "://" in folder:
+    if folder is None or is_remote(folder):
         found = "records no folder" if folder is None else f"lives at {folder}, not on this machine"
         raise ValueError(f"sweep {record.name!r} {found}: pass --out DIR")
     return Path(folder)
@@ -877,7 +878,7 @@ def write_report(sweep: str, tracking_uri: str, study: str | None = None, out: s
     ]
     (folder / MANIFEST).write_text("".join(f"{path.name}\n" for path in written))
     run = record.parent.info
-    get_artifact_repository(run.artifact_uri).delete_artifacts(REPORT_ARTIFACTS)
+    get_artifact_repository(run.artifact_uri, tracking_uri).delete_artifacts(REPORT_ARTIFACTS)
     client = MlflowClient(tracking_uri)
     for path in written:
         client.log_artifact(run.run_id, str(path), REPORT_ARTIFACTS)

@@ -39,6 +39,7 @@ from ray.tune.search.sample import Domain
 import densemod
 from densemod.denselora.config import check_choice
 
+from . import cluster
 from .config import (
     DIVERGED, POINT, SCHEDULERS, SEARCHABLE, SEARCHES, VAL_PREFIX, SweepConfig, TrialConfig, flat_params, grid_points,
     settings_label,
@@ -50,7 +51,7 @@ from .trial import (
     uses_gpu, worker_resources, workers_that_fit,
 )
 from .selection import check_objective, without_test_metrics
-from .storage import check_storage, read_text, storage_root, write_text
+from .storage import check_placement, check_storage, is_remote, join, read_text, storage_root, write_text
 
 # A trial's driver only starts its worker group and waits: a sliver of memory, no CPU, so that a 2-worker trial
 # still fits a 2-CPU machine (Tune's default of 1 CPU per trial would leave it 1). It runs on the head node, beside
@@ -227,7 +228,7 @@ def check_objectives(sweep: SweepConfig) -> None:
 
 def param_space(sweep: SweepConfig, folder: str) -> dict[str, Any]:
     """The trial's settings with the searched ones as Tune domains; trials keep their runs inside the sweep's folder."""
-    space = {**dataclasses.asdict(sweep.trial), "storage_path": f"{folder}/trials"}
+    space = {**dataclasses.asdict(sweep.trial), "storage_path": join(folder, "trials")}
     if sweep.points is not None:
         return {**space, POINT: tune.grid_search(list(sweep.points))}
     for key, values in sweep.space.items():
@@ -310,13 +311,13 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
     check_sweep(sweep)
     name = sweep.name or f"{sweep.study}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     root = storage_root(sweep.trial.storage_path)
-    folder = f"{root}/{name}"
+    folder = join(root, name)
     uri = store_uri(sweep.tracking_uri, sweep.trial.storage_path)
     if sweep.resume:
         if not tune.Tuner.can_restore(folder):
             raise ValueError(f"there is no sweep to resume at {folder}: check --name and --storage-path")
         # A resumed sweep keeps its study, store, search space and settings: Tune and this record saved them.
-        record = json.loads(read_text(f"{folder}/{RECORD}"))
+        record = json.loads(read_text(join(folder, RECORD)))
         uri = record["tracking_uri"]
         sweep = dataclasses.replace(
             sweep, study=record["study"], trial=TrialConfig.from_dict(record["trial"]), space=json.loads(record["space"])
@@ -324,11 +325,15 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
     elif tune.Tuner.can_restore(folder):
         raise ValueError(f"sweep {name!r} already exists at {folder}: pass --resume to continue it, or another --name")
     data = sweep_data(sweep)
-    check_storage(sweep.trial.storage_path)
-    check_tracking_uri(uri)
     log = local_folder(folder, name) / "sweep.log"
     with output_to(not sweep.verbose) as output, own_ray():
+        # Where the cluster would lose the runs, nothing is written there: not a probe, not the store.
+        check_placement(sweep.trial.storage_path, cluster.may_have_several_nodes(), cluster.in_submitted_job())
+        check_storage(sweep.trial.storage_path)
+        check_tracking_uri(uri)
+        # Decided once for every trial: an autoscaling cluster's resources change while the sweep runs.
         gpu = uses_gpu(sweep.trial)
+        sweep = dataclasses.replace(sweep, trial=dataclasses.replace(sweep.trial, use_gpu=gpu))
         check_placeable(sweep.trial, gpu)
         output.move_to(log)
         concurrent = sweep.max_concurrent or trials_that_fit(sweep.trial, gpu)
@@ -350,7 +355,7 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
             tuner = tune.Tuner.restore(folder, trainable, resume_unfinished=True, resume_errored=True)
         else:
             record = {"study": sweep.study, "tracking_uri": uri, "trial": dataclasses.asdict(sweep.trial), **sweep_params(sweep, folder)}
-            write_text(f"{folder}/{RECORD}", json.dumps(record))
+            write_text(join(folder, RECORD), json.dumps(record))
             progress = SweepProgress(planned_trials(sweep), list(sweep.space), objectives(sweep)[0][0])
             tuner = tune.Tuner(
                 trainable, param_space=param_space(sweep, folder), tune_config=tune_config(sweep, concurrent),
@@ -435,7 +440,7 @@ def format_search_space(space: dict[str, Any]) -> str:
 def local_folder(folder: str, name: str) -> Path:
     """Where the driver writes the sweep's own files (its log, its summary): the sweep's folder, or for a sweep on a
     remote storage path, a folder of the same name in this machine's temporary folder."""
-    return Path(folder) if "://" not in folder else Path(tempfile.gettempdir()) / "densetune" / name
+    return Path(folder) if not is_remote(folder) else Path(tempfile.gettempdir()) / "densetune" / name
 
 
 def planned_trials(sweep: SweepConfig) -> int:

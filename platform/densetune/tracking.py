@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -38,6 +39,7 @@ from .config import (
     DEFAULT_METRIC, DIVERGED, TEST_PREFIXES, VAL_PREFIX, TrialConfig, field_type, flat_params, settings_label,
 )
 from .selection import Candidate, best
+from .storage import is_remote
 
 # Reported once per trial and constant: logged as params, and the numbers among them also as metrics (at step 0), so
 # that the UI and search_runs sort and filter them as numbers.
@@ -61,9 +63,20 @@ EVALUATED = (*TEST_PREFIXES, VAL_PREFIX)
 
 
 def default_tracking_uri(storage_path: str) -> str:
-    """An embedded store: sqlite in the run folder (or ./runs when the run folder is remote), as an absolute URI
-    because Ray's processes run in other directories."""
-    folder = Path("runs" if "://" in storage_path else storage_path).resolve()
+    """An embedded store: sqlite in the storage folder (a local one, or a shared mount given as file://), as an
+    absolute URI because Ray's processes run in other directories. A bucket holds no database: a study there names a
+    tracking server, which outlives the study (a default beside the driver would be lost with a submitted job's
+    working directory)."""
+    if storage_path.startswith("file://"):
+        folder = Path(urllib.parse.urlsplit(storage_path).path)
+    elif is_remote(storage_path):
+        raise ValueError(
+            f"storage_path {storage_path!r} cannot hold the study's MLflow store, and none was given: pass the MLflow "
+            "server that keeps it, --tracking-uri http://HEAD_IP:5000 (on a cluster, the head's: README, 'On a "
+            "cluster'), or set MLFLOW_TRACKING_URI"
+        )
+    else:
+        folder = Path(storage_path).resolve()
     return f"sqlite:///{folder / 'mlflow.db'}"
 
 
@@ -457,7 +470,7 @@ def best_run(runs: Sequence[Any], objectives: Sequence[tuple[str, str]]) -> Opti
 
 def checkpoint_at(path: str, storage_path: str) -> ray.train.Checkpoint:
     """A checkpoint reported by a trial, on the storage path's filesystem (local, S3, GCS, ...)."""
-    if "://" in storage_path:
+    if is_remote(storage_path):
         filesystem, _ = pyarrow.fs.FileSystem.from_uri(storage_path)
         return ray.train.Checkpoint(path, filesystem=filesystem)
     return ray.train.Checkpoint(path)

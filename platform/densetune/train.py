@@ -43,6 +43,7 @@ from .data import IGNORE_INDEX, TokenizedRows, collate
 from .evaluate import accuracy, answer_loss, evaluate, summed_token_loss
 from .increments import SnapshotRecorder, load_snapshots
 from .models import load_model, load_tokenizer
+from .rendezvous import require_cuda
 
 logger = logging.getLogger(__name__)
 SNAPSHOTS = "snapshots.safetensors"
@@ -53,6 +54,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    require_gpu(cfg, device)
     on_gpu = device.type == "cuda"
 
     tokenizer = load_tokenizer(cfg.model)
@@ -67,6 +69,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     precision = mixed.resolve(cfg.dtype, device)
 
     model, optimizer, scheduler = build_model(cfg, precision, device, total_steps)
+    optimization = ckpt.Optimization(optimizer, scheduler, mixed.grad_scaler(precision, device))
     after_step = densemod.step_hook(model)
 
     position = ckpt.Position(step=0, epoch=0, step_in_epoch=0)
@@ -77,7 +80,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     if restored:
         with restored.as_directory() as folder:
             ckpt.load_adapter(model, Path(folder))
-            ckpt.load_optimizer(optimizer, scheduler, Path(folder))
+            ckpt.load_optimizer(optimization, Path(folder))
             position = ckpt.load_position(Path(folder))
             ckpt.load_rng(Path(folder), rank)
             if snapshots is not None and (Path(folder) / SNAPSHOTS).exists():
@@ -124,12 +127,16 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             started = time.perf_counter()
             inputs = [collate(rows, examples[batch], tokenizer.pad_token_id) for batch in micro_batches]
             done = train_step(
-                ddp_model, inputs, token_counts(lengths, micro_batches), world, device, precision, cfg, optimizer
+                ddp_model, inputs, token_counts(lengths, micro_batches), world, device, precision, cfg, optimizer,
+                optimization.scaler,
             )
             if not math.isfinite(done.loss):
                 return diverged(summary, position.step + 1, done.loss, rank)
-            scheduler.step()
-            after_step(position.step + 1)
+            # A step float16's scaler skipped moved no weight: the schedule waits for one that does, and AdaLoRA's
+            # importance scores, which read the gradients, would take in its infinities.
+            if not done.skipped:
+                scheduler.step()
+                after_step(position.step + 1)
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - started
             if "startup_s" not in summary:
@@ -161,7 +168,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
                 summary["history"].append(metrics)
                 log(rank, format_metrics(metrics, total_steps))
                 report_to_ray(
-                    metrics, model, optimizer, scheduler, position, rank, at_checkpoint, summary if finished else None,
+                    metrics, model, optimization, position, rank, at_checkpoint, summary if finished else None,
                     snapshots,
                 )
                 startup.clear()
@@ -171,8 +178,15 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             position = dataclasses.replace(position, epoch=position.epoch + 1, step_in_epoch=0)
     if position.step == total_steps and not evaluated_at_end:  # resumed a run that had already finished
         metrics = {"step": position.step, **evaluation.run(position.step, test=cfg.evaluate_test)}
-        report_to_ray(metrics, model, optimizer, scheduler, position, rank, True, summary, snapshots)
+        report_to_ray(metrics, model, optimization, position, rank, True, summary, snapshots)
     return summary
+
+
+def require_gpu(cfg: TrialConfig, device: torch.device) -> None:
+    """A trial that asks for GPUs fails at once on a worker without one, rather than train for hours on its CPU (a
+    worker group checks this before its rendezvous; local mode, here)."""
+    if cfg.use_gpu and device.type != "cuda":
+        require_cuda()
 
 
 def diverged(summary: dict[str, Any], step: int, loss: float, rank: int) -> dict[str, Any]:
@@ -190,12 +204,13 @@ def build_model(
     """The adapted model on `device`, its AdamW optimizer over the adapter's weights, and the linear schedule."""
     # The same seed on every worker gives every worker the same adapter initialisation.
     torch.manual_seed(cfg.seed)
-    base = load_model(cfg.model, dtype=mixed.weights_dtype(precision))
+    base = load_model(cfg.model, dtype=mixed.weights_dtype(precision), device=device)
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing recomputes the shared encoder correctly under DDP.
         base.activation_checkpointing_enable({"use_reentrant": False})
-    # PEFT keeps the adapter's weights in float32 over bfloat16 base weights (autocast_adapter_dtype).
-    model = get_peft_model(base, cfg.peft_config(total_steps)).to(device)
+    # PEFT keeps the adapter's weights in float32 over bfloat16 or float16 base weights (autocast_adapter_dtype), and
+    # creates them on their base layer's device.
+    model = get_peft_model(base, cfg.peft_config(total_steps))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     return model, optimizer, get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
 
@@ -205,6 +220,7 @@ class Step(NamedTuple):
     tokens: int  # real tokens in the global batch
     slots: int  # token slots, padding included
     aux_loss: Optional[float] = None  # a method's own regulariser within `loss` (AdaLoRA); None: there is none
+    skipped: bool = False  # float16's scaled gradients overflowed: the optimizer did not step, the scaler backed off
 
     @property
     def task_loss(self) -> float:
@@ -215,13 +231,15 @@ class Step(NamedTuple):
 def train_step(
     model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], counts: tuple[int, int], world: int,
     device: torch.device, precision: str, cfg: TrialConfig, optimizer: torch.optim.Optimizer,
+    scaler: Optional[torch.amp.GradScaler] = None,
 ) -> Step:
     """One optimizer step over this worker's micro-batches, whose (real tokens, token slots) are `counts`.
 
     The loss is summed over the global batch's target tokens and divided by their count, so it does not depend on how
     the batch is split between workers and accumulation steps. The optimizer does not step when that loss is not
     finite. For a method that adds a regulariser to the model's loss (AdaLoRA), the task's own loss is computed from
-    the logits as well, so that the two can be logged apart.
+    the logits as well, so that the two can be logged apart. With float16's `scaler` the backward pass runs on the
+    scaled loss, and the step is skipped when the scaled gradients overflow (see optimizer_step).
     """
     model.train()
     targets, tokens, slots = all_reduce_sum(  # the global batch's counts, in one collective
@@ -240,14 +258,36 @@ def train_step(
             else:
                 loss = target_loss_sum(model, batch, device) / targets
             # DDP averages gradients over workers; the loss is already a share of the global sum.
-            (loss * world).backward()
+            (loss * world if scaler is None else scaler.scale(loss * world)).backward()
         loss_sum += loss.item()
     loss, task = all_reduce_sum(device, loss_sum, task_sum)
     # A non-finite loss leaves the weights as they were: the caller ends the run, and no NaN reaches an adapter.
-    if math.isfinite(loss):
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+    skipped = math.isfinite(loss) and optimizer_step(
+        [p for p in model.parameters() if p.requires_grad], optimizer, scaler, cfg.max_grad_norm
+    )
+    return Step(loss, tokens, slots, loss - task if auxiliary else None, skipped)
+
+
+def optimizer_step(
+    parameters: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler],
+    max_grad_norm: float,
+) -> bool:
+    """Clip the gradients to `max_grad_norm` and step; whether the step was skipped.
+
+    With a scaler the gradients are unscaled first, so that the clipping (and AdaLoRA after the step) sees the true
+    ones. The scaler skips the step when they hold an inf or NaN, which says only that its scale was too large, not
+    that the run diverged: it lowers the scale, exactly then, which is how the skip is told (GradScaler does not say).
+    """
+    if scaler is None:
+        torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
         optimizer.step()
-    return Step(loss, tokens, slots, loss - task if auxiliary else None)
+        return False
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    return scaler.get_scale() < scale
 
 
 def target_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -351,9 +391,8 @@ class Evaluation:
 
 
 def report_to_ray(
-    metrics: dict[str, Any], model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
-    position: ckpt.Position, rank: int, checkpoint: bool, final: Optional[dict[str, Any]] = None,
-    snapshots: Optional[SnapshotRecorder] = None,
+    metrics: dict[str, Any], model: Any, optimization: ckpt.Optimization, position: ckpt.Position, rank: int,
+    checkpoint: bool, final: Optional[dict[str, Any]] = None, snapshots: Optional[SnapshotRecorder] = None,
 ) -> None:
     """Report to Ray Train: every worker calls it (it is a barrier); with a checkpoint, each adds its own part.
 
@@ -369,7 +408,7 @@ def report_to_ray(
         ckpt.save_rng(folder, rank)
         if rank == 0:
             ckpt.save_adapter(model, folder)
-            ckpt.save_optimizer(optimizer, scheduler, folder)
+            ckpt.save_optimizer(optimization, folder)
             ckpt.save_position(position, folder)
             if final is not None:
                 (folder / "predictions.json").write_text(json.dumps(final["predictions"], indent=1))

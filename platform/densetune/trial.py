@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 import ray
 
+from . import cluster
 from .config import DIVERGED, DTYPES, EVAL_MODES, PROTOCOLS, TrialConfig, add_setting, shown
-from .storage import check_storage, storage_root
+from .storage import check_placement, check_storage, storage_root
 
 if TYPE_CHECKING:
     import numpy as np
@@ -106,10 +107,27 @@ def check_config(config: TrialConfig) -> None:
     check_fraction(config.data_fraction)
     for name in ("lr", "max_grad_norm", "cpus_per_worker", "gpus_per_worker"):
         check_positive_number(name, getattr(config, name))
+    check_gpus_per_worker(config)
     per_step = config.micro_batch_size * max(1, config.num_workers)
     if config.batch_size % per_step:
         raise ValueError(
             f"batch_size {config.batch_size} must be a multiple of micro_batch_size x num_workers = {per_step}"
+        )
+
+
+def check_gpus_per_worker(config: TrialConfig) -> None:
+    """A worker trains on one GPU: a share of one lets one-worker trials share a GPU, but two ranks of one trial on
+    one GPU fail in NCCL ("Duplicate GPU detected"), and a worker's second GPU would sit idle."""
+    gpus = config.gpus_per_worker
+    if gpus > 1:
+        raise ValueError(
+            f"gpus_per_worker {gpus:g}: a worker trains on one GPU and would leave the others idle; use more workers "
+            f"(num_workers {max(1, config.num_workers) * math.ceil(gpus)} with gpus_per_worker 1)"
+        )
+    if gpus < 1 and config.num_workers > 1:
+        raise ValueError(
+            f"gpus_per_worker {gpus:g} with num_workers {config.num_workers} puts ranks of one trial on one GPU, which "
+            "NCCL refuses: give each worker a whole GPU (gpus_per_worker 1), or share GPUs between one-worker trials"
         )
 
 
@@ -177,7 +195,9 @@ def loopback_only() -> None:
 
 
 def uses_gpu(config: TrialConfig) -> bool:
-    return bool(ray.cluster_resources().get("GPU", 0)) if config.use_gpu is None else config.use_gpu
+    """Whether the trial trains on GPUs: as its config says, else whether the cluster has or can add GPU nodes (an
+    autoscaling cluster starts with none). A sweep decides this once and passes the answer to every trial."""
+    return cluster.has_gpus() if config.use_gpu is None else config.use_gpu
 
 
 def worker_resources(config: TrialConfig, gpu: bool) -> dict[str, float]:
@@ -232,8 +252,9 @@ def run_trial(
 
     started, started_at = time.perf_counter(), time.time()
     data, examples = prepare(config, data)
-    check_storage(config.storage_path)
     with own_ray():
+        check_placement(config.storage_path, cluster.may_have_several_nodes(), cluster.in_submitted_job())
+        check_storage(config.storage_path)
         gpu = uses_gpu(config)
         check_placeable(config, gpu)
         resources = worker_resources(config, gpu)
