@@ -34,7 +34,8 @@ from densetune.experiment import LOCAL
 from densetune.inputs import load_data
 from densetune.models import load_tokenizer
 from densetune.train import build_model, train_step
-from densetune.trial import RAY_ENV, run_trial
+from densetune.cluster import RAY_ENV
+from densetune.trial import run_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "llm-adapters"

@@ -7,7 +7,7 @@ from typing import Callable, Iterable, Optional, Union
 from peft import AdaLoraConfig, LoKrConfig, LoraConfig, PeftConfig, PeftModel, VeraConfig
 
 from .denselora import SHARE_SCOPES, VARIANTS, DenseLoraConfig
-from .denselora.config import check_alpha, check_choice, check_dropout, check_rank
+from .denselora.config import check_alpha, check_choice, check_dropout, check_rank, default_alpha
 
 METHODS = ("denselora", "lora", "dora", "vera", "lokr", "adalora", "hybrid")
 # Methods whose PEFT model adds a regulariser of its own to the model's loss: AdaLoRA its orthogonality penalty on P and
@@ -86,7 +86,7 @@ def build_peft_config(
                 f"got method {method!r}"
             )
     check_rank(r)
-    alpha = 2 * r if alpha is None else alpha
+    alpha = default_alpha(r) if alpha is None else alpha
     check_alpha(alpha)
     check_dropout(dropout)
     targets = resolve_targets(target_modules)

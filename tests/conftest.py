@@ -27,8 +27,8 @@ def make_tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaF
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A fresh local Ray of two CPUs for one test module, reporting fast (see densetune.trial.RAY_ENV)."""
-    from densetune.trial import RAY_ENV
+    """A fresh local Ray of two CPUs for one test module, reporting fast (see densetune.cluster.RAY_ENV)."""
+    from densetune.cluster import RAY_ENV
 
     os.environ.update(RAY_ENV)
     ray.init(address="local", num_cpus=2, runtime_env={"env_vars": RAY_ENV})

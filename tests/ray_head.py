@@ -26,7 +26,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from densetune.trial import RAY_ENV
+from densetune.cluster import RAY_ENV
 
 RAY = str(Path(sys.executable).parent / "ray")
 # Ray's defaults, which the first `ray start --head` on a machine takes and a second one collides on.

@@ -16,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 from ray.cluster_utils import Cluster
 
-from densetune.trial import RAY_ENV
+from densetune.cluster import RAY_ENV
 from ray_head import RAY, answers, free_ports, wait_until
 from s3_server import S3Server
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -149,6 +150,16 @@ def finished_trials(uri: str) -> list:
     return client.search_runs(ids, "tags.`densetune.role` = 'trial' and attributes.status = 'FINISHED'") if ids else []
 
 
+def saved_as_finished(folder: Path) -> int:
+    """How many trials Tune's newest saved experiment state records as finished (TERMINATED)."""
+    states = sorted(folder.glob("experiment_state-*.json"))
+    try:
+        trials = json.loads(states[-1].read_text())["trial_data"] if states else []
+    except json.JSONDecodeError:  # caught mid-write
+        return 0
+    return sum(json.loads(state)["status"] == "TERMINATED" for state, _ in trials)
+
+
 def test_a_sweep_resumes_after_its_driver_is_killed(tmp_path):
     """Kill the driver (and the local Ray it started) after the first trial, then --resume: the finished trial is
     not run again, the second runs, and the store ends with both runs FINISHED under one parent."""
@@ -162,11 +173,12 @@ def test_a_sweep_resumes_after_its_driver_is_killed(tmp_path):
                               stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
-        # The sweep's record is written once the store exists: polling earlier would race its creation.
-        while not (tmp_path / "killed" / "densetune_sweep.json").exists() or not finished_trials(uri):
+        # The first trial finished in the store (polled once the store exists: earlier would race its creation), and in
+        # Tune's saved state, which --resume reads.
+        while not (tmp_path / "killed" / "densetune_sweep.json").exists() or not finished_trials(uri) \
+                or saved_as_finished(tmp_path / "killed") < 1:
             assert driver.poll() is None and time.monotonic() < deadline, "the first trial did not finish"
             time.sleep(1)
-        time.sleep(3)  # two of Tune's state saves
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started: its whole session
         driver.wait()

@@ -47,11 +47,28 @@ def test_every_method_trains_a_step(method, input_ids):
     assert any(not torch.equal(a, b) for a, b in zip(before, trainable))
 
 
-def test_dora_and_lora_differ_only_in_the_magnitude_vector():
-    lora = densemod.build_peft_config("lora", 8)
-    dora = densemod.build_peft_config("dora", 8)
-    assert (lora.use_dora, dora.use_dora) == (False, True)
-    assert lora.lora_alpha == dora.lora_alpha == 16
+def test_dora_and_lora_differ_only_in_the_magnitude_vector(input_ids):
+    lora = densemod.build_peft_config("lora", 8, target_modules="q,v")
+    dora = densemod.build_peft_config("dora", 8, target_modules="q,v")
+    lora_fields, dora_fields = lora.to_dict(), dora.to_dict()
+    assert {k for k in lora_fields | dora_fields if lora_fields.get(k) != dora_fields.get(k)} == {"use_dora"}
+    assert (lora.use_dora, dora.use_dora, dora.lora_alpha) == (False, True, 16)
+
+    torch.manual_seed(0)
+    lora_model = peft.get_peft_model(make_tiny_llama(), lora)
+    torch.manual_seed(0)
+    dora_model = peft.get_peft_model(make_tiny_llama(), dora)
+    lora_weights = {n: p for n, p in lora_model.named_parameters() if p.requires_grad}
+    dora_weights = {n: p for n, p in dora_model.named_parameters() if p.requires_grad}
+    extra = set(dora_weights) - set(lora_weights)
+    # one magnitude per output feature of each adapted layer (q: 64, v: 32, in 2 layers), and the same A and B
+    assert set(lora_weights) <= set(dora_weights) and all("lora_magnitude_vector" in n for n in extra)
+    assert sorted(dora_weights[n].numel() for n in extra) == [32, 32, 64, 64]
+    assert all(torch.equal(lora_weights[n], dora_weights[n]) for n in lora_weights)
+    # B starts at zero, so both start as the base model
+    base = make_tiny_llama()(input_ids=input_ids).logits
+    for model in (lora_model, dora_model):
+        torch.testing.assert_close(model(input_ids=input_ids).logits, base)
 
 
 def test_adalora_step_hook_reallocates_rank(input_ids):
@@ -70,6 +87,13 @@ def test_adalora_step_hook_reallocates_rank(input_ids):
     assert len(model.base_model.rankallocator.ipt) == 2 * 2 * 3  # q and v in 2 layers, lora_A, lora_B, lora_E
 
 
-def test_other_methods_need_no_step_hook():
-    model = peft.get_peft_model(make_tiny_llama(), densemod.build_peft_config("denselora", r=4))
-    assert densemod.step_hook(model)(5) is None
+@pytest.mark.parametrize("method", [m for m in densemod.METHODS if m != "adalora"])
+def test_other_methods_step_hook_changes_nothing(method, input_ids):
+    model = peft.get_peft_model(make_tiny_llama(), densemod.build_peft_config(method, r=4, total_steps=10))
+    model.train()
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    before = {n: (p.detach().clone(), p.grad.clone()) for n, p in model.named_parameters() if p.requires_grad}
+    densemod.step_hook(model)(5)
+    after = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert before.keys() == after.keys()
+    assert all(torch.equal(w, after[n]) and torch.equal(g, after[n].grad) for n, (w, g) in before.items())

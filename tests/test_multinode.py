@@ -18,7 +18,7 @@ from conftest import checkpoint_steps, is_ray_train_worker, kill_and_wait
 from densetune.config import TrialConfig
 from densetune.experiment import LOCAL, SMOKE
 from densetune.sweep import SweepConfig, run_sweep
-from densetune.trial import RAY_ENV
+from densetune.cluster import RAY_ENV
 
 # A lost node is declared dead after health_check_failure_threshold missed checks, health_check_period_ms apart
 # (by default 5 x 3 s, after a 5 s grace): shortened, so that a test of a lost node takes seconds, not half a minute.

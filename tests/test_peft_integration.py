@@ -51,9 +51,13 @@ def test_save_and_load_round_trip(variant, input_ids, tmp_path):
 
 
 def test_loaded_adapter_is_frozen_for_inference(input_ids, tmp_path):
-    trained_adapter().save_pretrained(tmp_path)
+    model = trained_adapter()
+    model.save_pretrained(tmp_path)
     loaded = peft.PeftModel.from_pretrained(make_tiny_llama(), tmp_path)
     assert not any(p.requires_grad for p in loaded.parameters())
+    # loaded, not just frozen: the adapter's outputs, not the base model's
+    torch.testing.assert_close(logits(loaded, input_ids), logits(model, input_ids), rtol=0, atol=0)
+    assert (logits(loaded, input_ids) - logits(make_tiny_llama(), input_ids)).abs().max() > 1e-4
 
 
 def test_disable_adapter_gives_the_base_logits(input_ids):
@@ -130,9 +134,16 @@ def test_a_second_adapter_is_added_switched_and_saved(input_ids, tmp_path):
 
 def test_delete_adapter_removes_its_shared_weights(input_ids):
     model = trained_adapter()
+    first = logits(model, input_ids)
+    parameters = densemod.parameter_report(model).trainable
     model.add_adapter("second", densemod.DenseLoraConfig(r=4, target_modules=["q_proj"]))
     model.delete_adapter("second")
     assert set(model.base_model.denselora_encoder) == set(model.base_model.denselora_decoder) == {"default"}
+    # nothing of it is left in any layer or in the model's weights, and the first adapter works as before
+    assert not [name for name, _ in model.named_parameters() if "second" in name]
+    assert all(set(layer.denselora_M) == {"default"} for layer in layers(model))
+    assert densemod.parameter_report(model).trainable == parameters
+    torch.testing.assert_close(logits(model, input_ids), first, rtol=0, atol=0)
 
 
 def test_only_matrix_merges_into_a_plain_model(input_ids):

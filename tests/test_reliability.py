@@ -2,16 +2,16 @@
 
 import json
 import multiprocessing
-import multiprocessing.synchronize
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-import pytest
 import ray
+from mlflow import MlflowClient
 
-from densetune.tracking import check_tracking_uri
+from densetune.tracking import check_tracking_uri, store_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1"}
@@ -19,7 +19,7 @@ LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1"}
 # Run as a separate driver, without the loopback variable the tests set for themselves: ensure_ray must set it.
 OWN_RAY = """
 import json, psutil, ray
-from densetune.trial import ensure_ray
+from densetune.cluster import ensure_ray
 assert ensure_ray()
 ray.get(ray.remote(lambda: 1).remote())  # a worker, listening like the rest
 processes = [psutil.Process(), *psutil.Process().children(recursive=True)]
@@ -46,7 +46,7 @@ RENDEZVOUS = """
 import json, sys, psutil, ray.train, torch.distributed as dist
 from ray.train.torch import TorchTrainer
 from densetune.rendezvous import BoundTorchConfig
-from densetune.trial import ensure_ray
+from densetune.cluster import ensure_ray
 
 def listening_addresses(_):
     # every worker's listening addresses, gathered through the process group (which shows that it works)
@@ -79,24 +79,33 @@ def test_the_rendezvous_store_of_a_trial_listens_on_loopback_only(tmp_path):
     assert seen["bound"] and set(seen["bound"]) <= LOOPBACK, seen["bound"]
 
 
-def open_store(uri: str, start: multiprocessing.synchronize.Event) -> None:
-    start.wait()
+def open_store(uri: str) -> None:
     check_tracking_uri(uri)
 
 
-@pytest.mark.parametrize("attempt", range(3))
-def test_two_sweeps_can_create_one_new_sqlite_store_at_once(tmp_path, attempt):
-    # Without the store's lock one of the two failed each of 3 times: "duplicate column name: step".
+def blocked_on_a_file_lock(pid: int) -> bool:
+    """Whether the process sleeps in the kernel waiting for a flock (its wait channel)."""
+    return Path(f"/proc/{pid}/wchan").read_text() == "locks_lock_inode_wait"
+
+
+def test_a_second_process_waits_for_the_store_lock_before_it_creates_the_store(tmp_path):
+    # Without the lock two processes creating one new store both ran MLflow's schema migration, and one failed
+    # ("duplicate column name: step"). Here the test holds the lock and creates the store itself; the other process
+    # must be found waiting on the lock, not migrating beside it.
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     context = multiprocessing.get_context("spawn")
-    start = context.Event()
-    processes = [context.Process(target=open_store, args=(uri, start)) for _ in range(2)]
-    for process in processes:
-        process.start()
-    start.set()
-    for process in processes:
-        process.join(timeout=120)
-    assert [p.exitcode for p in processes] == [0, 0]
+    other = context.Process(target=open_store, args=(uri,))
+    with store_lock(uri):
+        other.start()
+        deadline = time.monotonic() + 120
+        while not blocked_on_a_file_lock(other.pid):
+            assert other.exitcode is None and time.monotonic() < deadline, "it never waited for the lock"
+            time.sleep(0.1)
+        assert not (tmp_path / "mlflow.db").exists()  # nothing created behind the lock's back
+        MlflowClient(uri).search_experiments(max_results=1)  # the schema migration, while the other waits
+    other.join(timeout=120)
+    assert other.exitcode == 0
+    assert [e.name for e in MlflowClient(uri).search_experiments()] == ["Default"]
 
 
 def test_the_runs_a_dead_driver_left_running_can_be_listed_and_closed(tmp_path, capsys):

@@ -1,18 +1,17 @@
 """Where a study keeps its runs, its record and its data on a cluster: storage URIs with query strings, against an
-S3-compatible server on 127.0.0.1; what the cluster has and can add; and the refusals that keep a study's record."""
+S3-compatible server on 127.0.0.1, and the refusals that keep a study's record; GPUs per worker that a worker group
+cannot use."""
 
 import json
 from pathlib import Path
 
 import pytest
-import ray
 
-from densetune import cluster
 from densetune.config import TrialConfig
 from densetune.data import load_benchmark
 from densetune.storage import check_placement, check_storage, join, read_text, storage_root, write_text
 from densetune.tracking import default_tracking_uri, store_uri
-from densetune.trial import check_config, uses_gpu
+from densetune.trial import check_config
 from s3_server import S3Server
 
 ROW = {"instruction": "Pick one. Answer1: red Answer2: blue", "input": "", "output": "the correct answer is answer1",
@@ -103,34 +102,6 @@ def test_a_bucket_needs_a_tracking_server_and_a_shared_mount_keeps_its_own_store
     assert default_tracking_uri("runs") == f"sqlite:///{Path('runs').resolve() / 'mlflow.db'}"
 
 
-def write_bootstrap(home: Path, gpu_workers: int, max_workers: int = 4) -> None:
-    """A cluster launcher's configuration as `ray up` leaves it on the head (abridged to what is read)."""
-    (home / "ray_bootstrap_config.yaml").write_text(f"""
-cluster_name: densemod
-max_workers: {max_workers}
-head_node_type: head
-available_node_types:
-  head: {{resources: {{CPU: 0}}, min_workers: 0, max_workers: 0}}
-  cpu_worker: {{resources: {{CPU: 8}}, min_workers: 0, max_workers: 2}}
-  gpu_worker: {{resources: {{CPU: 8, GPU: 1}}, min_workers: 0, max_workers: {gpu_workers}}}
-""")
-
-
-def test_the_gpu_decision_counts_the_node_types_an_autoscaler_can_add(local_ray, tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))
-    config = TrialConfig()
-    # This machine's Ray: one node, no GPU, no autoscaler.
-    assert not cluster.has_gpus() and not cluster.may_have_several_nodes() and not uses_gpu(config)
-    write_bootstrap(tmp_path, gpu_workers=2)
-    assert cluster.has_gpus() and cluster.may_have_several_nodes() and uses_gpu(config)
-    assert not uses_gpu(TrialConfig(use_gpu=False))  # the flag decides where it is given
-    write_bootstrap(tmp_path, gpu_workers=0)  # GPU nodes allowed none: they are never added
-    assert not cluster.has_gpus() and cluster.may_have_several_nodes()
-    write_bootstrap(tmp_path, gpu_workers=2, max_workers=0)  # the cluster's own bound allows no worker at all
-    assert not cluster.has_gpus() and not cluster.may_have_several_nodes()
-    assert ray.cluster_resources().get("GPU", 0) == 0
-
-
 @pytest.mark.parametrize("gpus, workers, message", [
     (2.0, 1, "gpus_per_worker 2: a worker trains on one GPU and would leave the others idle; use more workers "
              "(num_workers 2 with gpus_per_worker 1)"),
@@ -149,34 +120,3 @@ def test_gpus_per_worker_that_a_worker_group_cannot_use_are_refused(gpus, worker
 def test_a_share_of_a_gpu_is_allowed_to_a_one_worker_trial():
     check_config(TrialConfig(gpus_per_worker=0.25, num_workers=1))
     check_config(TrialConfig(gpus_per_worker=1.0, num_workers=2, batch_size=16, micro_batch_size=4))
-
-
-PHANTOM_GPU = """
-import sys
-
-import ray
-
-from densetune.config import TrialConfig
-from densetune.experiment import LOCAL, SMOKE
-
-# A Ray that counts a GPU this machine does not have: Ray schedules the worker on it, torch finds no CUDA there.
-ray.init(address="local", num_cpus=1, num_gpus=1)
-from densetune.trial import run_trial
-
-try:
-    run_trial(TrialConfig(**{**LOCAL, **SMOKE, "storage_path": sys.argv[1], "name": "phantom"}))
-except Exception as error:
-    print(type(error).__name__, str(error))
-"""
-
-
-def test_a_trial_that_asked_for_a_gpu_never_trains_on_a_cpu(tmp_path):
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-c", PHANTOM_GPU, str(tmp_path)], capture_output=True, text=True,
-                          timeout=300)
-    assert "the trial asks for GPUs, but torch on its worker's node (127.0.0.1) sees none (torch " in done.stdout, (
-        done.stdout[-3000:] + done.stderr[-3000:]
-    )
-    assert not list(tmp_path.rglob("checkpoint_*"))  # not one step

@@ -8,6 +8,7 @@ import ray
 
 from densetune.config import TrialConfig
 from densetune.increments import by_step, load_snapshots
+from densetune.models import tiny_llama
 from densetune.trial import main, prepare, run_trial
 
 # float32: the tests below compare runs that must agree to rounding (bfloat16 has its own test).
@@ -122,11 +123,20 @@ def test_command_line_trial_prints_a_summary(local_ray, tmp_path, capsys):
     ])
     out = capsys.readouterr().out
     assert code == 0
-    assert "trainable params: 1,792 of " in out  # LoRA r=4 on q (64+64) and v (64+32) in 2 layers
+    # what it printed is what the run recorded: the summary saved with its last checkpoint
+    (checkpoint,) = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("checkpoint (adapter")]
+    assert checkpoint.startswith(str(tmp_path / "cli"))
+    summary = json.loads(open(os.path.join(checkpoint, "summary.json")).read())
+    total = sum(p.numel() for p in tiny_llama().parameters()) + 1792
+    assert summary["total_params"] == total
+    # LoRA r=4 on q (64+64) and v (64+32) in 2 layers
+    assert f"trainable params: 1,792 of {total:,d} ({100 * 1792 / total:.4f}%)" in out
     # dtype auto: bfloat16 autocast where the CPU has native bf16 instructions
     assert f"precision: {'bfloat16' if cpu_has_native_bf16() else 'float32'}" in out
-    assert "first optimizer step after: " in out
-    assert "accuracy/synthetic: " in out and "wall time: " in out
+    final = summary["evaluations"][-1]
+    assert final["step"] == 2 and f"accuracy/synthetic: {final['accuracy/synthetic']:.4f}" in out
+    assert f"checkpoint (adapter, predictions.json): {checkpoint}" in out
+    assert "first optimizer step after: " in out and "wall time: " in out
 
 
 def write_rows(path, rows):

@@ -39,6 +39,11 @@ def check_rank(r: object) -> None:
         raise ValueError(f"r must be a positive integer (1, 2, ...); got {r!r}")
 
 
+def default_alpha(r: int) -> int:
+    """lora_alpha when none is given: 2r, the paper's (and LLM-Adapters') recipe, so that alpha / r is 2 at any rank."""
+    return 2 * r
+
+
 def check_alpha(alpha: object) -> None:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
         raise ValueError(f"lora_alpha must be a number > 0; got {alpha!r}")
@@ -151,7 +156,7 @@ class DenseLoraConfig(PeftConfig):
         self.peft_type = PEFT_TYPE
         check_rank(self.r)
         if self.lora_alpha is None:
-            self.lora_alpha = 2 * self.r
+            self.lora_alpha = default_alpha(self.r)
         check_alpha(self.lora_alpha)
         check_dropout(self.lora_dropout)
         check_choice("variant", self.variant, VARIANTS)

@@ -19,6 +19,7 @@ from typing import Any, Iterator, Optional, Sequence, TextIO
 from ray import tune
 from tqdm import tqdm
 
+from .callbacks import RestorableCallback
 from .config import DIVERGED, flat_params, settings_label
 
 PLAIN_EVERY_S = 15.0  # how often a progress line is printed when the output is not a terminal
@@ -133,7 +134,7 @@ def writes_to_fd_1(stream: TextIO) -> bool:
         return False
 
 
-class SweepProgress(tune.Callback):
+class SweepProgress(RestorableCallback):
     """A Tune callback on the sweep's driver that tells the console how the trials go.
 
     Trials are numbered in the order Tune created them (the same after a resume). The ETA assumes that the steps still
@@ -160,14 +161,6 @@ class SweepProgress(tune.Callback):
         self._first: dict[str, tuple[float, int]] = {}  # trial id -> (when, step) of its first report with a step
         self._last: dict[str, tuple[float, int]] = {}  # trial id -> the same, of its last
         self._overheads: list[float] = []  # of each ended trial, its time beyond its steps
-
-    # Tune pickles its callbacks with the experiment state: only the settings travel.
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._reset()
 
     def setup(self, **info: Any) -> None:
         self._reset()

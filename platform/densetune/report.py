@@ -33,12 +33,13 @@ from .curves import (
     budget_lines, budget_table, curve_points, learning_curves_caption, learning_curves_figure, loss_caption, loss_figure,
     mean_curves, metric_histories, save,
 )
+from .files import PREDICTIONS, SNAPSHOTS
 from .selection import FINISHED, Candidate, best, is_test_metric
 from .stats import McNemar, detectable_difference, holm, interval, majority_baseline, mcnemar
 from .storage import is_remote
 from .tables import count, markdown_table, percent, percent_interval, significant
 from .tracking import (
-    DEVICE_SECONDS, PREDICTIONS, ROLE, SNAPSHOTS, SWEEP, TUNED_ROLE, TUNING_TABLE, experiment_ids, store_uri, sweep_runs,
+    DEVICE_SECONDS, ROLE, SWEEP, TUNED_ROLE, TUNING_TABLE, experiment_ids, store_uri, sweep_runs,
 )
 
 AVERAGE = "average"

@@ -40,16 +40,14 @@ import densemod
 from densemod.denselora.config import check_choice
 
 from . import cluster
+from .cluster import check_placeable, own_ray, trials_that_fit, uses_gpu, worker_resources
 from .config import (
     DIVERGED, POINT, SCHEDULERS, SEARCHABLE, SEARCHES, VAL_PREFIX, SweepConfig, TrialConfig, flat_params, grid_points,
     settings_label,
 )
 from .console import SweepProgress, clock, console, output_to
 from .inputs import TrialData, data_source, load_data, training_rows
-from .trial import (
-    check_adapter_fits, check_config, check_non_negative, check_placeable, check_positive, own_ray, run_trial,
-    uses_gpu, worker_resources, workers_that_fit,
-)
+from .trial import check_adapter_fits, check_config, check_non_negative, check_positive, run_trial
 from .selection import check_objective, without_test_metrics
 from .storage import check_placement, check_storage, is_remote, join, read_text, storage_root, write_text
 
@@ -239,17 +237,6 @@ def param_space(sweep: SweepConfig, folder: str) -> dict[str, Any]:
     return space
 
 
-def trials_that_fit(config: TrialConfig, gpu: bool) -> Optional[int]:
-    """How many trials' worker groups this cluster's nodes hold at once; None for an autoscaling cluster.
-
-    Tune counts only a trial's driver (a little memory), so without this limit every trial would start at once and
-    all but a few would wait inside Ray Train for workers, their clocks running.
-    """
-    if os.environ.get("RAY_ADDRESS"):
-        return None
-    return max(1, workers_that_fit(config, gpu) // config.num_workers)
-
-
 class OptunaOnEvaluations(OptunaSearch):
     """Ray's Optuna searcher, shown a trial's results without their test metrics, and only where they hold every
     objective: trials report accuracy when they evaluate, not with every loss. A trial that ends without them (stopped
@@ -336,7 +323,7 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
         sweep = dataclasses.replace(sweep, trial=dataclasses.replace(sweep.trial, use_gpu=gpu))
         check_placeable(sweep.trial, gpu)
         output.move_to(log)
-        concurrent = sweep.max_concurrent or trials_that_fit(sweep.trial, gpu)
+        concurrent = sweep.max_concurrent or trials_that_fit(sweep.trial, gpu, cluster.live_nodes())
         for line in plan(sweep, name, folder, uri, concurrent, None if sweep.verbose else log):
             console().say(line)
 
@@ -397,7 +384,7 @@ def dry_run(sweep: SweepConfig) -> list[str]:
     measured = measure(first, data[data_source(first)])
     parts = trial_seconds(first, data[data_source(first)], measured)
     one = sum(parts.values())
-    at_once = sweep.max_concurrent or local_concurrency(first, gpu)
+    at_once = sweep.max_concurrent or trials_that_fit(first, gpu, cluster.this_machine())
     planned = planned_trials(sweep)
     lines = [
         f"dry run of sweep {sweep.name or sweep.study}: {planned} trials, nothing started",
@@ -414,21 +401,6 @@ def dry_run(sweep: SweepConfig) -> list[str]:
     else:
         lines.append(f"estimate of the sweep: {clock(planned * one)} one after the other; a cluster divides it by the trials it runs at once")
     return lines
-
-
-def local_concurrency(config: TrialConfig, gpu: bool) -> Optional[int]:
-    """How many trials fit this machine at once (None when the sweep would join a cluster: RAY_ADDRESS)."""
-    if os.environ.get("RAY_ADDRESS"):
-        return None
-    have = {"CPU": os.cpu_count() or 1, "GPU": torch_gpus() if gpu else 0}
-    need = {k: v * config.num_workers for k, v in worker_resources(config, gpu).items()}
-    return max(1, min(int(have[k] // v) for k, v in need.items()))
-
-
-def torch_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count()
 
 
 def format_search_space(space: dict[str, Any]) -> str:

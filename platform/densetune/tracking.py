@@ -35,9 +35,13 @@ from mlflow.utils.mlflow_tags import (
 )
 from ray import tune
 
+from densemod.denselora.config import default_alpha
+
+from .callbacks import RestorableCallback
 from .config import (
     DEFAULT_METRIC, DIVERGED, TEST_PREFIXES, VAL_PREFIX, TrialConfig, field_type, flat_params, settings_label,
 )
+from .files import ADAPTER, ADAPTER_CONFIG, PREDICTIONS, SNAPSHOTS, SUMMARY
 from .selection import Candidate, best
 from .storage import is_remote
 
@@ -53,11 +57,10 @@ WALL_TIME, DEVICE_SECONDS = "wall_time_s", "device_seconds"
 ROLE, SWEEP, STUDY, TRIAL_ID, NODE_ID = "densetune.role", "sweep", "study", "ray.trial_id", "ray.node_id"
 FAILED_TRIALS, DIVERGED_TRIALS = "failed_trials", "diverged_trials"  # tags of the sweep's run
 DIVERGED_TAG = "diverged"  # a tag of a trial's run whose loss was not finite: the step
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+ADAPTER_FILES = (ADAPTER, ADAPTER_CONFIG)
 # --tune's study run, the parent of its phases' sweep runs, and its tuning table (densetune.tuning writes them)
 TUNED_ROLE, TUNING_TABLE = "tuned", "tuning.csv"
-PREDICTIONS, SNAPSHOTS = "predictions.json", "snapshots.safetensors"
-RECORD_FILES = (PREDICTIONS, "summary.json", SNAPSHOTS)
+RECORD_FILES = (PREDICTIONS, SUMMARY, SNAPSHOTS)
 # evaluations: the test split's accuracies (accuracy/..., accuracy_norm/...) and the validation set's (val/...)
 EVALUATED = (*TEST_PREFIXES, VAL_PREFIX)
 
@@ -187,7 +190,7 @@ def config_params(config: TrialConfig, gpu: bool) -> dict[str, str]:
     """The trial's settings as MLflow params, with derived defaults spelt out (alpha = 2r, eval sets = train sets) and
     resources as used (`gpu`: whether its workers train on GPUs; no GPU count on a CPU run)."""
     values = dataclasses.asdict(config)
-    values["alpha"] = 2 * config.rank if config.alpha is None else config.alpha
+    values["alpha"] = default_alpha(config.rank) if config.alpha is None else config.alpha
     values["eval_datasets"] = config.eval_datasets or config.datasets
     values["use_gpu"] = gpu
     if not gpu:
@@ -196,7 +199,7 @@ def config_params(config: TrialConfig, gpu: bool) -> dict[str, str]:
     return {k: ",".join(map(str, v)) if isinstance(v, list) else str(v) for k, v in values.items() if v is not None}
 
 
-class SweepTracker(tune.Callback):
+class SweepTracker(RestorableCallback):
     """A Tune callback on the sweep's driver that mirrors every trial into MLflow.
 
     It finds its runs by tags, never by remembered ids, so a resumed sweep (a new driver, a restored callback)
@@ -226,14 +229,6 @@ class SweepTracker(tune.Callback):
         self._nodes: dict[str, str] = {}  # trial id -> the node its rank 0 runs on
         self._diverged: set[str] = set()  # trial ids whose loss was not finite
         self._steps: dict[str, dict[str, int]] = {}  # trial id -> metric -> last step logged
-
-    # Tune pickles its callbacks with the experiment state; the client and the caches are rebuilt on restore.
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._reset()
 
     @property
     def client(self) -> MlflowClient:

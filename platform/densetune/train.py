@@ -41,12 +41,12 @@ from .batching import epoch_batches, token_counts
 from .config import DIVERGED, VAL_PREFIX, TrialConfig
 from .data import IGNORE_INDEX, TokenizedRows, collate
 from .evaluate import accuracy, answer_loss, evaluate, summed_token_loss
+from .files import PREDICTIONS, SNAPSHOTS, SUMMARY
 from .increments import SnapshotRecorder, load_snapshots
 from .models import load_model, load_tokenizer
 from .rendezvous import require_cuda
 
 logger = logging.getLogger(__name__)
-SNAPSHOTS = "snapshots.safetensors"
 
 
 def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
@@ -411,9 +411,9 @@ def report_to_ray(
             ckpt.save_optimizer(optimization, folder)
             ckpt.save_position(position, folder)
             if final is not None:
-                (folder / "predictions.json").write_text(json.dumps(final["predictions"], indent=1))
+                (folder / PREDICTIONS).write_text(json.dumps(final["predictions"], indent=1))
                 record = {k: v for k, v in final.items() if k != "predictions"}
-                (folder / "summary.json").write_text(json.dumps(record, indent=1))
+                (folder / SUMMARY).write_text(json.dumps(record, indent=1))
             if snapshots:
                 snapshots.save(folder / SNAPSHOTS)
         ray.train.report(

@@ -12,22 +12,20 @@ them, so that --help answers at once.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import math
-import os
 import signal
 import sys
 import time
 import warnings
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import ray
 
 from . import cluster
+from .cluster import check_placeable, own_ray, uses_gpu, worker_resources
 from .config import DIVERGED, DTYPES, EVAL_MODES, PROTOCOLS, TrialConfig, add_setting, shown
 from .storage import check_placement, check_storage, storage_root
 
@@ -36,9 +34,6 @@ if TYPE_CHECKING:
     import ray.train
 
     from .inputs import TrialData
-
-# Ray Train polls workers for reports every 2 s by default, and each report waits for the poll.
-RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
 
 
 @dataclass
@@ -157,84 +152,6 @@ def check_non_negative(name: str, value: Any, zero_means: Optional[str] = None) 
         raise ValueError(f"{name} must be a non-negative integer{meaning}; got {value!r}")
 
 
-def ensure_ray() -> bool:
-    """Use the Ray this process already joined, else join the cluster RAY_ADDRESS names, else start a Ray of its own
-    on 127.0.0.1. Returns whether it started or joined one (the caller then shuts it down).
-
-    Never ray.init() without an address: that joins whatever Ray it finds running on the machine (another user's
-    study, a test's head). Joining a cluster, the project's own packages travel in the runtime environment, so every
-    node runs the code this driver runs.
-    """
-    if ray.is_initialized():
-        return False
-    os.environ.update({k: os.environ.get(k, v) for k, v in RAY_ENV.items()})
-    runtime_env: dict[str, Any] = {"env_vars": {k: os.environ[k] for k in RAY_ENV}}
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        import densemod
-        import densetune
-
-        runtime_env["py_modules"] = [str(Path(package.__file__).parent) for package in (densemod, densetune)]
-        ray.init(address=address, runtime_env=runtime_env)
-    else:
-        loopback_only()
-        ray.init(address="local", runtime_env=runtime_env)
-    return True
-
-
-def loopback_only() -> None:
-    """Keep a local Ray's servers, agents and workers on 127.0.0.1; by default they listen on every interface.
-
-    Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 once, when it is imported: the variable reaches the processes Ray
-    starts, and the constant it set is changed here for this process, which imported Ray before.
-    """
-    from ray._private import ray_constants
-
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-
-
-def uses_gpu(config: TrialConfig) -> bool:
-    """Whether the trial trains on GPUs: as its config says, else whether the cluster has or can add GPU nodes (an
-    autoscaling cluster starts with none). A sweep decides this once and passes the answer to every trial."""
-    return cluster.has_gpus() if config.use_gpu is None else config.use_gpu
-
-
-def worker_resources(config: TrialConfig, gpu: bool) -> dict[str, float]:
-    """What one Ray Train worker of this trial asks for."""
-    return {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if gpu else {})}
-
-
-def workers_that_fit(config: TrialConfig, gpu: bool) -> int:
-    """How many of this trial's workers the cluster's live nodes hold at once, each node on its own."""
-    per_worker = worker_resources(config, gpu)
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    return sum(min(int(node.get(kind, 0) // amount) for kind, amount in per_worker.items()) for node in nodes)
-
-
-def check_placeable(config: TrialConfig, gpu: bool) -> None:
-    """A worker group that no node can host, or that is larger than the cluster, would wait forever: refuse it.
-
-    Skipped for a cluster reached through RAY_ADDRESS (ray job submit sets it): an autoscaling cluster grows to
-    fit, and only its autoscaler knows how far. Local mode (num_workers 0) places no workers.
-    """
-    if os.environ.get("RAY_ADDRESS") or config.num_workers == 0:
-        return
-    per_worker = worker_resources(config, gpu)
-    if workers_that_fit(config, gpu) == 0:
-        raise ValueError(
-            f"one worker needs {per_worker}, more than any node of this Ray cluster has: lower cpus_per_worker or "
-            "gpus_per_worker"
-        )
-    have = ray.cluster_resources()
-    for kind, amount in per_worker.items():
-        if amount * config.num_workers > have.get(kind, 0):
-            raise ValueError(
-                f"num_workers {config.num_workers} need {amount * config.num_workers:g} {kind}s in all, but this Ray "
-                f"cluster has {have.get(kind, 0):g}: use fewer workers or fewer {kind}s per worker"
-            )
-
-
 def run_trial(
     config: TrialConfig, callbacks: Sequence[ray.train.UserCallback] = (), data: Optional[TrialData] = None
 ) -> TrialResult:
@@ -284,18 +201,6 @@ def run_trial(
         # Local mode hands back a checkpoint in a temporary folder that is already gone.
         checkpoint = result.checkpoint.path if result.checkpoint and result.path else None
         return TrialResult(config, result.return_value, result.path, checkpoint, time.perf_counter() - started)
-
-
-@contextlib.contextmanager
-def own_ray() -> Iterator[None]:
-    """Ray for the duration of the block: the one this process already uses, or one started (or joined) for it and
-    shut down after it, also on Ctrl-C or an error."""
-    started = ensure_ray()
-    try:
-        yield
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def default_name(config: TrialConfig) -> str:
