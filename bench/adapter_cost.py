@@ -22,9 +22,11 @@ from typing import NamedTuple
 
 import torch
 
-from densetune import precision as mixed
+from densetune.trial import precision as mixed
 from densetune.config import TrialConfig
-from densetune.train import build_model, train_step
+from densetune.data.batching import TokenCounts
+from densetune.trial.loop import build_state, train_step
+from densetune.trial.state import TrialState
 from throughput import machine, table
 
 METHODS = ("lora", "denselora")
@@ -62,23 +64,23 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def step(model, optimizer, inputs, precision: str, cfg: TrialConfig) -> float:
+def step(state: TrialState, inputs: dict[str, torch.Tensor]) -> float:
     synchronize()
     started = time.perf_counter()
-    train_step(model, [inputs], (BATCH * TOKENS, BATCH * TOKENS), 1, device(), precision, cfg, optimizer)
-    optimizer.zero_grad(set_to_none=True)
+    train_step(state, [inputs], TokenCounts(tokens=BATCH * TOKENS, slots=BATCH * TOKENS))
+    state.optimization.optimizer.zero_grad(set_to_none=True)
     synchronize()
     return time.perf_counter() - started
 
 
 def training_steps(cell: Cell, steps: int) -> dict[str, float]:
     """Median seconds per training step of each method, the methods taking turns."""
-    built = {m: build_model(config(cell, m), cell.precision, device(), total_steps=100)[:2] for m in METHODS}
-    inputs = batch(next(iter(built.values()))[0].config.vocab_size)
+    built = {m: build_state(config(cell, m), cell.precision, device(), total_steps=100) for m in METHODS}
+    inputs = batch(built["lora"].model.config.vocab_size)
     times: dict[str, list[float]] = {m: [] for m in METHODS}
     for index in range(steps + 1):  # the first step of each warms up and is not counted
-        for method, (model, optimizer) in built.items():
-            elapsed = step(model, optimizer, inputs, cell.precision, config(cell, method))
+        for method, state in built.items():
+            elapsed = step(state, inputs)
             if index:
                 times[method].append(elapsed)
     return {method: statistics.median(values) for method, values in times.items()}
@@ -86,8 +88,8 @@ def training_steps(cell: Cell, steps: int) -> dict[str, float]:
 
 def forward_times(cell: Cell, steps: int) -> dict[str, float]:
     """Median seconds per forward pass (eval mode, no gradients): LoRA unmerged, LoRA merged, DenseLoRA."""
-    built = {m: build_model(config(cell, m), cell.precision, device(), total_steps=100)[0] for m in METHODS}
-    built["lora merged"] = build_model(config(cell, "lora"), cell.precision, device(), 100)[0].merge_and_unload()
+    built = {m: build_state(config(cell, m), cell.precision, device(), total_steps=100).model for m in METHODS}
+    built["lora merged"] = build_state(config(cell, "lora"), cell.precision, device(), 100).model.merge_and_unload()
     inputs = {k: v.to(device()) for k, v in batch(built["lora"].config.vocab_size).items() if k != "labels"}
     times: dict[str, list[float]] = {name: [] for name in built}
     with torch.no_grad():
@@ -112,9 +114,8 @@ def memory_added(cell: Cell, method: str) -> float:
 
 
 def measure_memory(cell: Cell, method: str) -> float:
-    cfg = config(cell, method)
-    model, optimizer, _ = build_model(cfg, cell.precision, device(), total_steps=100)
-    inputs = batch(model.config.vocab_size)
+    state = build_state(config(cell, method), cell.precision, device(), total_steps=100)
+    inputs = batch(state.model.config.vocab_size)
     if device().type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         loaded = torch.cuda.memory_allocated()
@@ -124,7 +125,7 @@ def measure_memory(cell: Cell, method: str) -> float:
             refs.write("5")
         loaded = status_bytes("VmRSS")
     for _ in range(3):
-        step(model, optimizer, inputs, cell.precision, cfg)
+        step(state, inputs)
     peak = torch.cuda.max_memory_allocated() if device().type == "cuda" else status_bytes("VmHWM")
     return (peak - loaded) / 2**30
 

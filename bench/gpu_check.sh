@@ -50,7 +50,7 @@ step nvidia-smi 10 nvidia-smi --query-gpu=name,memory.total,driver_version --for
 step "torch sees the GPU" 20 "$PYTHON" -c \
     "import torch; assert torch.cuda.is_available(), 'no GPU visible to torch'; print('torch', torch.__version__, torch.cuda.get_device_name())"
 
-# ARC-Easy where the data folders hold it (densetune.data.data_dirs: $DENSETUNE_DATA, ../shared/data/llm-adapters),
+# ARC-Easy where the data folders hold it (densetune.data.loading.data_dirs: $DENSETUNE_DATA, ../shared/data/llm-adapters),
 # else the built-in task, which a fresh machine has.
 started=$SECONDS
 DATASETS=$(timeout -k "$GRACE" 20 "$PYTHON" -c \

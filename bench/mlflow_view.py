@@ -58,21 +58,21 @@ class Sweep(NamedTuple):
 
 
 def sweep_runs(uri: str, sweep: str, study: Optional[str]) -> Sweep:
-    """The runs of `sweep`, found by its `sweep` tag (imported here: MLflow and densetune take seconds to load)."""
+    """The runs of `sweep`, found as the report finds them (densetune.results.store; imported here: MLflow and
+    densetune take seconds to load)."""
     from mlflow import MlflowClient
 
-    from densetune.tracking import ROLE, SWEEP, experiment_ids
+    from densetune.files import ROLE, SWEEP
+    from densetune.results.store import sweep_records
 
-    client = MlflowClient(uri)
-    ids = experiment_ids(client, study)
-    search = f"tags.{SWEEP} = '{sweep}'"
-    runs = client.search_runs(ids, search, max_results=10_000, order_by=["attributes.start_time ASC"]) if ids else []
-    parents = [r for r in runs if r.data.tags.get(ROLE) == "sweep"]
-    if not parents:
-        raise SystemExit(f"error: no sweep named {sweep!r} in {uri}" + (f" (study {study!r})" if study else ""))
-    parent = parents[0].info
+    try:
+        runs = sweep_records(MlflowClient(uri), sweep, uri, study)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    runs = sorted(runs, key=lambda run: run.info.start_time)  # in the order they started
+    parent = next(r for r in runs if r.data.tags.get(ROLE) == "sweep").info
     children = [r.info.run_id for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.run_id]
-    return Sweep(parent.experiment_id, parent.run_id, children, search)
+    return Sweep(parent.experiment_id, parent.run_id, children, f"tags.{SWEEP} = '{sweep}'")
 
 
 # --- processes ---

@@ -15,10 +15,10 @@ from peft import PeftModel
 
 import densemod  # noqa: F401  (registers DenseLoRA with PEFT, so its adapters load)
 from densetune.config import PROTOCOLS, TrialConfig
-from densetune.evaluate import Prediction, accuracy, evaluate
-from densetune.inputs import eval_benchmark, eval_set
-from densetune.models import load_model, load_tokenizer
-from densetune.stats import majority_baseline, mcnemar
+from densetune.trial.evaluate import Prediction, accuracy, evaluate
+from densetune.trial.inputs import eval_benchmark, eval_set
+from densetune.trial.models import load_model, load_tokenizer
+from densetune.results.stats import majority_baseline, mcnemar
 
 
 def describe(label: str, predictions: list[Prediction]) -> str:

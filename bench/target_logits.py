@@ -1,5 +1,5 @@
 """The training step with the vocabulary's logits at every position (transformers' own loss) against the trainer's,
-which computes them only at the positions that predict a target token (densetune.train.target_loss_sum), side by side
+which computes them only at the positions that predict a target token (densetune.trial.loop.target_loss_sum), side by side
 in one run: the same batches of the default study, the two ways interleaved step by step.
 
     python bench/target_logits.py              # ~4 min on 2 CPU cores; docs/PERFORMANCE.md holds its output
@@ -19,12 +19,12 @@ import time
 
 import torch
 
-from densetune import precision as mixed
-from densetune.batching import epoch_batches
-from densetune.data import IGNORE_INDEX, collate
-from densetune.inputs import load_data, training_rows
-from densetune.models import load_tokenizer
-from densetune.train import build_model, target_loss_sum
+from densetune.trial import precision as mixed
+from densetune.data.batching import epoch_batches
+from densetune.data.tokens import IGNORE_INDEX, collate
+from densetune.trial.inputs import load_data, training_rows
+from densetune.trial.models import load_tokenizer
+from densetune.trial.loop import build_state, target_loss_sum
 
 from throughput import DEFAULT, machine, table
 
@@ -64,9 +64,9 @@ def compare(method: str, dtype: str, steps: int) -> list:
     examples = training_rows(config, data)
     lengths = data.train.lengths[examples]
     schedule = epoch_batches(lengths, config.batch_size, config.micro_batch_size, 0, config.seed, 0, 1)
-    model, optimizer, _ = build_model(config, dtype, CPU, total_steps=steps + 1)
+    state = build_state(config, dtype, CPU, total_steps=steps + 1)
     # the same starting weights and optimizer each way, so that both see the same losses
-    models = {way: copy.deepcopy((model, optimizer)) for way in WAYS}
+    models = {way: copy.deepcopy((state.model, state.optimization.optimizer)) for way in WAYS}
     times: dict[str, list[float]] = {way: [] for way in WAYS}
     losses: dict[str, list[float]] = {way: [] for way in WAYS}
     slots = kept = 0

@@ -27,15 +27,15 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from densetune.batching import epoch_batches, token_counts
+from densetune.data.batching import epoch_batches, token_counts
 from densetune.config import TrialConfig
-from densetune.data import TokenizedRows, collate
+from densetune.data.tokens import TokenizedRows, collate
 from densetune.experiment import LOCAL
-from densetune.inputs import load_data
-from densetune.models import load_tokenizer
-from densetune.train import build_model, train_step
+from densetune.trial.inputs import load_data
+from densetune.trial.models import load_tokenizer
+from densetune.trial.loop import build_state, train_step
 from densetune.cluster import RAY_ENV
-from densetune.trial import run_trial
+from densetune.trial.run import run_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "llm-adapters"
@@ -73,23 +73,23 @@ def step_times(trial: TrialConfig, steps: int) -> str:
     results = []
     for method in ("denselora", "lora"):
         config = dataclasses.replace(trial, method=method)
-        models = {p: build_model(config, p, device, total_steps=100)[:2] for p in ("float32", "bfloat16")}
-        times: dict[str, list[float]] = {p: [] for p in models}
+        states = {p: build_state(config, p, device, total_steps=100) for p in ("float32", "bfloat16")}
+        times: dict[str, list[float]] = {p: [] for p in states}
         for step in range(steps + 1):  # the first step of each warms up and is not counted
-            for precision, (model, optimizer) in models.items():
+            for precision, state in states.items():
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 started = time.perf_counter()
                 inputs = [collate(rows, batch, tokenizer.pad_token_id) for batch in batches[step]]
-                train_step(model, inputs, token_counts(rows.lengths, batches[step]), 1, device, precision, config, optimizer)
-                optimizer.zero_grad(set_to_none=True)
+                train_step(state, inputs, token_counts(rows.lengths, batches[step]))
+                state.optimization.optimizer.zero_grad(set_to_none=True)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 if step:
                     times[precision].append(time.perf_counter() - started)
         fp32, bf16 = (statistics.median(times[p]) for p in ("float32", "bfloat16"))
         results.append([method, f"{fp32:.3f}", f"{bf16:.3f}", f"{fp32 / bf16:.2f}x"])
-        del models
+        del states
     title = (
         f"Training step on {device}: {trial.model}, r={trial.rank} on {trial.targets}, batches of "
         f"{trial.batch_size} ({trial.micro_batch_size} per micro-batch) of {', '.join(trial.datasets)}, medians of "

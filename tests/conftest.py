@@ -39,7 +39,7 @@ def local_ray():
 @pytest.fixture(scope="module")
 def tokenizer():
     """The tiny model's byte-level tokenizer: one token per UTF-8 byte, no BOS."""
-    from densetune.models import byte_tokenizer
+    from densetune.trial.models import byte_tokenizer
 
     return byte_tokenizer()
 
@@ -47,7 +47,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def llama() -> LlamaForCausalLM:
     """densetune's built-in tiny-llama, random weights, in eval mode."""
-    from densetune.models import tiny_llama
+    from densetune.trial.models import tiny_llama
 
     return tiny_llama().eval()
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from torch.utils.data import DistributedSampler
 
-from densetune.batching import epoch_batches, epoch_order, token_counts
+from densetune.data.batching import epoch_batches, epoch_order, token_counts
 
 LENGTHS = np.random.default_rng(0).integers(10, 200, size=1000)
 

@@ -11,9 +11,11 @@ from densetune import config
 from densetune.config import TrialConfig, flag, shown
 from densetune.experiment import parser as study_parser
 from densetune.experiment import sweep_config
-from densetune.tracking import ROLE, SWEEP, TRIAL_ID, SweepTracker, check_tracking_uri, store_uri, sweep_runs
-from densetune.trial import parse_args
-from densetune.trial import parser as trial_parser
+from densetune.files import ROLE, SWEEP, TRIAL_ID
+from densetune.results.store import sweep_runs
+from densetune.sweep.record import SweepTracker, check_tracking_uri, store_uri
+from densetune.trial.run import parse_args
+from densetune.trial.run import parser as trial_parser
 from test_experiments import ROOT, STUDIES, load
 
 RANK_SWEEP = ROOT / "experiments" / "rank_sweep.py"
@@ -177,7 +179,7 @@ def test_both_clis_print_a_warning_as_one_line():
     code = """
 import peft, densemod
 from transformers import LlamaConfig, LlamaForCausalLM
-from densetune.trial import as_a_command
+from densetune.trial.run import as_a_command
 as_a_command()
 model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                      num_key_value_heads=2, vocab_size=32))

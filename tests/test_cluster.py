@@ -18,6 +18,7 @@ def test_the_private_names_of_ray_are_where_they_were_checked():
     for module, name in PRIVATE_RAY:
         found = hasattr(importlib.import_module(module), name)
         assert found, f"Ray {ray.__version__} has no {module}.{name} (checked against Ray {CHECKED_RAY}): see cluster.py"
+    assert importlib.import_module("ray._common.constants").HEAD_NODE_RESOURCE_NAME == cluster.HEAD_RESOURCE
     backend = importlib.import_module("ray.train.torch.config")._TorchBackend
     # rendezvous._BoundBackend overrides this method with these parameters
     assert list(inspect.signature(backend.on_start).parameters) == ["self", "worker_group", "backend_config"]
@@ -78,7 +79,7 @@ from densetune.experiment import LOCAL, SMOKE
 
 # A Ray that counts a GPU this machine does not have: Ray schedules the worker on it, torch finds no CUDA there.
 ray.init(address="local", num_cpus=1, num_gpus=1)
-from densetune.trial import run_trial
+from densetune.trial.run import run_trial
 
 try:
     run_trial(TrialConfig(**{**LOCAL, **SMOKE, "storage_path": sys.argv[1], "name": "phantom"}))

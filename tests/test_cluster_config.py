@@ -12,7 +12,7 @@ import yaml
 from ray.autoscaler._private.command_runner import SSHCommandRunner, _with_interactive
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-import densetune.data
+import densetune.data.loading
 
 CONFIG = Path(__file__).resolve().parents[1] / "ray_cluster.yaml"
 
@@ -104,8 +104,8 @@ def test_every_node_finds_the_data_folder_and_the_hub_token(tmp_path):
     # Every node runs setup_commands before it starts Ray; a start command sees what this one sees.
     assert on_node(home, ['echo "$DENSETUNE_DATA|$HF_TOKEN"']).strip() == f"{home / 'data'}|hf_test"
     assert (home / ".bashrc").read_text().count("DENSETUNE_DATA") == 1
-    # The data folder the studies read here, beside the checkout (densetune.data.data_dirs), is the one mounted.
-    beside = Path(densetune.data.__file__).resolve().parents[3] / "shared" / "data" / "llm-adapters"
+    # The data folder the studies read here, beside the checkout (densetune.data.loading.data_dirs), is the one mounted.
+    beside = Path(densetune.data.loading.__file__).resolve().parents[4] / "shared" / "data" / "llm-adapters"
     assert (CONFIG.parent / config["file_mounts"]["/home/ray/data"]).resolve() == beside
 
     on_node(home, config["head_setup_commands"])

@@ -1,4 +1,5 @@
-"""densetune.curves on hand-built metric histories, numbers checked by hand; metric_histories on a real sqlite store.
+"""densetune.results.curves on hand-built metric histories, numbers checked by hand; the store's metric_histories
+(densetune.results.store), which reads them, on a real sqlite store.
 
 Configuration A has two seeds (runs a1, a2), configuration B one (b1). Each logs tokens_seen and device_seconds at
 steps 5 and 10 and is evaluated at steps 0, 8 and 10:
@@ -19,10 +20,17 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
-from densetune.curves import (
-    budget_lines, budget_table, curve_points, learning_curves_figure, loss_caption, loss_figure, mean_curves,
-    metric_histories, moving_average,
+from densetune.results.curves import (
+    budget_lines,
+    budget_table,
+    curve_points,
+    learning_curves_figure,
+    loss_caption,
+    loss_figure,
+    mean_curves,
+    moving_average,
 )
+from densetune.results.store import metric_histories
 
 ACCURACY = "val/accuracy/average"
 PNG = b"\x89PNG\r\n\x1a\n"

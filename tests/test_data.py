@@ -11,14 +11,20 @@ import pytest
 import torch
 
 from densetune.config import TrialConfig
-from densetune.data import (
-    REQUIRED_FIELDS, SUITES, collate, data_dirs, expand_suites, load_benchmark, subsample, synthetic_task,
-    tokenize_pairs,
+from densetune.data.loading import (
+    REQUIRED_FIELDS,
+    SUITES,
+    data_dirs,
+    expand_suites,
+    load_benchmark,
+    subsample,
+    synthetic_task,
 )
-from densetune.inputs import eval_sources, training_pairs
-from densetune.models import byte_tokenizer
-from densetune.prompts import prompt
-from densetune.protocols import training_pair
+from densetune.data.tokens import collate, tokenize_pairs
+from densetune.trial.inputs import eval_sources, training_pairs
+from densetune.trial.models import byte_tokenizer
+from densetune.data.prompts import prompt
+from densetune.data.protocols import training_pair
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "llm-adapters"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"LLM-Adapters data not found at {DATA}")
@@ -278,7 +284,7 @@ def test_eval_sources_expand_a_suite_and_warn_once_about_what_it_lacks(monkeypat
     monkeypatch.setenv("DENSETUNE_DATA", str(folder))
     folders = ", ".join(str(path) for path in data_dirs())
     config = TrialConfig(datasets=["synthetic"], eval_datasets=["commonsense"])
-    with caplog.at_level(logging.WARNING, logger="densetune.inputs"):
+    with caplog.at_level(logging.WARNING, logger="densetune.trial.inputs"):
         # load_data, data_source and the tracked data sets each ask
         assert [eval_sources(config) for _ in range(3)] == [["boolq", "piqa", "ARC-Challenge"]] * 3
     assert [record.getMessage() for record in caplog.records] == [
@@ -288,7 +294,7 @@ def test_eval_sources_expand_a_suite_and_warn_once_about_what_it_lacks(monkeypat
 
 
 def test_eval_sources_without_a_suite_are_the_sources_named(caplog):
-    with caplog.at_level(logging.WARNING, logger="densetune.inputs"):
+    with caplog.at_level(logging.WARNING, logger="densetune.trial.inputs"):
         assert eval_sources(TrialConfig(datasets=["synthetic", "mine.json"])) == ["synthetic", "mine.json"]
         assert eval_sources(TrialConfig(eval_datasets=["owner/name"])) == ["owner/name"]
     assert not caplog.records

@@ -6,10 +6,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from densetune.answers import FORMATS, LABEL_FORMATS, LOGLIK_PREFIX, answer_format, choices, extract, is_correct
-from densetune.evaluate import Prediction, _candidate_scores, accuracy, evaluate, generate, loglik_pick
-from densetune.models import tiny_llama
-from densetune.prompts import prompt
+from densetune.data.answers import FORMATS, LABEL_FORMATS, LOGLIK_PREFIX, answer_format, choices, extract, is_correct
+from densetune.trial.evaluate import Prediction, _candidate_scores, accuracy, evaluate, generate, loglik_pick
+from densetune.trial.models import tiny_llama
+from densetune.data.prompts import prompt
 
 ARC_INSTRUCTION = (
     "Please choose the correct answer to the question: Which is the most likely effect?\n\n"
@@ -286,13 +286,28 @@ def test_evaluate_shards_cover_every_row_once(llama, tokenizer):
         assert p.correct == (p.extracted == p.gold)
 
 
-def test_evaluate_generate_on_a_number_benchmark(llama, tokenizer):
+def test_evaluate_generate_on_a_number_benchmark(tokenizer):
+    # A model that answers "7", then "0" after every "7" and "7" after anything else: a large bias on the real model's
+    # logits (a forward hook), so what it generates is known without running the code under test.
+    model = tiny_llama().eval()
+    (seven,), (zero,) = tokenizer.encode("7", add_special_tokens=False), tokenizer.encode("0", add_special_tokens=False)
+
+    def seven_then_zero(module, args, kwargs, output):
+        after_seven = kwargs["input_ids"][:, -1] == seven
+        output.logits[after_seven, -1, zero] += 1e4
+        output.logits[~after_seven, -1, seven] += 1e4
+        return output
+
+    model.register_forward_hook(seven_then_zero, with_kwargs=True)
     rows = [{"instruction": "What is 2 + 2?", "input": "", "answer": "4.0"},
-            {"instruction": "What is 10 - 3?", "input": "Think step by step.", "answer": "7.0"}]
-    predictions = evaluate(llama, tokenizer, "gsm8k", rows, max_new_tokens=3, shard=(1, 2))
-    assert [p.index for p in predictions] == [1]
-    assert predictions[0].extracted == extract("number", predictions[0].output)
-    assert predictions[0].correct is is_correct("number", predictions[0].extracted, "7.0")
+            {"instruction": "What is 10 - 3?", "input": "Think step by step.", "answer": "7.0"},
+            {"instruction": "What is 7 * 10?", "input": "", "answer": "70"}]
+    predictions = evaluate(model, tokenizer, "gsm8k", rows, max_new_tokens=1, batch_size=1)
+    assert [(p.index, p.output, p.extracted, p.correct) for p in predictions] == [
+        (0, "7", 7.0, False), (1, "7", 7.0, True), (2, "7", 7.0, False),
+    ]
+    (second,) = evaluate(model, tokenizer, "gsm8k", rows, max_new_tokens=2, batch_size=1, shard=(1, 2))
+    assert (second.index, second.output, second.extracted, second.correct) == (1, "70", 70.0, False)
 
 
 def test_evaluate_rejects_bad_requests(llama, tokenizer):

@@ -14,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from densetune.experiment import main, parser, sweep_config, tuning_of
-from densetune.sweep import check_sweep, tune_config
+from densetune.sweep.tune import check_sweep, tune_config
 from densetune.tuning import check_tuning
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -276,8 +276,8 @@ def test_a_dry_run_lists_the_trials_and_their_time_and_starts_nothing(tmp_path, 
 
 def test_the_estimate_adds_up_the_measured_parts():
     from densetune.config import TrialConfig
-    from densetune.estimate import RAY_TRAIN_START_S, Measured, trial_seconds
-    from densetune.inputs import load_data
+    from densetune.trial.estimate import RAY_TRAIN_START_S, Measured, trial_seconds
+    from densetune.trial.inputs import load_data
 
     config = TrialConfig(model="tiny-llama", datasets=["synthetic"], max_steps=60, eval_limit=200, eval_at_start=True,
                          eval_every=25, num_workers=2, batch_size=8)

@@ -163,7 +163,7 @@ def test_both_parts_train_in_float32_on_a_bf16_base(input_ids):
 
 
 def test_the_platforms_state_dict_round_trip(input_ids):
-    """What densetune.checkpoint does on resume: the adapter's state dict into a freshly built model."""
+    """What densetune.trial.checkpoint does on resume: the adapter's state dict into a freshly built model."""
     model = trained_hybrid(input_ids)
     state = peft.get_peft_model_state_dict(model)
     fresh = hybrid()

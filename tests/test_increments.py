@@ -6,8 +6,15 @@ import torch
 
 import densemod
 from conftest import PAPER_TARGETS, make_tiny_llama, train_step
-from densetune.increments import (
-    SnapshotRecorder, _representative, by_step, increment_figures, increments, load_snapshots, snapshot, top_share,
+from densetune.trial.increments import (
+    SnapshotRecorder,
+    _representative,
+    by_step,
+    increment_figures,
+    increments,
+    load_snapshots,
+    snapshot,
+    top_share,
 )
 
 R = 4

@@ -21,7 +21,8 @@ def make_sweep(uri: str) -> None:
     from mlflow import MlflowClient
 
     from densetune.config import TrialConfig
-    from densetune.tracking import ROLE, SWEEP, SweepTracker, check_tracking_uri
+    from densetune.files import ROLE, SWEEP
+    from densetune.sweep.record import SweepTracker, check_tracking_uri
 
     check_tracking_uri(uri)
     tracker = SweepTracker(uri, "a_study", "looked_at", TrialConfig.from_dict, ["rank"], {"search": "grid"})

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from densetune.models import check_model_name, load_model, load_tokenizer, meta_model, tiny_llama
+from densetune.trial.models import check_model_name, load_model, load_tokenizer, meta_model, tiny_llama
 
 
 def test_a_local_folder_loads_through_the_hub_code_path(tmp_path):
@@ -72,7 +72,7 @@ def test_smollm2_is_the_pretrained_model_converted_once():
     """The cached safetensors copy computes what the package's GGUF file computes."""
     from transformers import AutoModelForCausalLM
 
-    from densetune.models import SMOLLM2_GGUF, smollm2_folder
+    from densetune.trial.models import SMOLLM2_GGUF, smollm2_folder
 
     folder = smollm2_folder()
     model, tokenizer = load_model("smollm2-135m"), load_tokenizer("smollm2-135m")

@@ -17,7 +17,7 @@ from ray.cluster_utils import Cluster
 from conftest import checkpoint_steps, is_ray_train_worker, kill_and_wait
 from densetune.config import TrialConfig
 from densetune.experiment import LOCAL, SMOKE
-from densetune.sweep import SweepConfig, run_sweep
+from densetune.sweep.tune import SweepConfig, run_sweep
 from densetune.cluster import RAY_ENV
 
 # A lost node is declared dead after health_check_failure_threshold missed checks, health_check_period_ms apart

@@ -6,10 +6,10 @@ import dataclasses
 import pytest
 import torch
 
-from densetune import checkpoint as ckpt
-from densetune import precision as mixed
+from densetune.trial import checkpoint as ckpt
+from densetune.trial import precision as mixed
 from densetune.config import TrialConfig
-from densetune.train import build_model
+from densetune.trial.loop import build_state
 
 CONFIG = TrialConfig(
     model="tiny-llama", rank=4, dropout=0.0, batch_size=4, micro_batch_size=2, datasets=["synthetic"],
@@ -67,7 +67,7 @@ def test_only_float16_has_a_gradient_scaler():
 
 @pytest.mark.parametrize("method", ["denselora", "lora"])
 def test_in_float16_the_base_is_float16_and_the_adapter_float32(method):
-    model = build_model(dataclasses.replace(CONFIG, method=method), "float16", CPU, total_steps=4)[0]
+    model = build_state(dataclasses.replace(CONFIG, method=method), "float16", CPU, total_steps=4).model
     trainable = {p.dtype for p in model.parameters() if p.requires_grad}
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
     assert trainable == {torch.float32} and frozen == {torch.float16}
@@ -87,26 +87,26 @@ def stepped_scaler() -> torch.amp.GradScaler:
 
 
 def test_the_scalers_state_survives_a_checkpoint(tmp_path):
-    model, optimizer, scheduler = build_model(CONFIG, "float16", CPU, total_steps=4)
+    optimization = build_state(CONFIG, "float16", CPU, total_steps=4).optimization
     scaler = stepped_scaler()
     assert scaler.state_dict()["scale"] == 512.0 and scaler.state_dict()["_growth_tracker"] == 1
-    ckpt.save_optimizer(ckpt.Optimization(optimizer, scheduler, scaler), tmp_path)
+    ckpt.save_optimizer(optimization._replace(scaler=scaler), tmp_path)
 
     restored = torch.amp.GradScaler("cpu")
-    ckpt.load_optimizer(ckpt.Optimization(optimizer, scheduler, restored), tmp_path)
+    ckpt.load_optimizer(optimization._replace(scaler=restored), tmp_path)
     assert restored.state_dict() == scaler.state_dict()
 
 
 def test_a_run_resumed_in_another_precision_keeps_what_applies(tmp_path):
     """'auto' follows the workers' hardware, so a run may resume in float16 from a bfloat16 checkpoint (a fresh
     scaler) or the other way round (the saved scale unused)."""
-    model, optimizer, scheduler = build_model(CONFIG, "float16", CPU, total_steps=4)
+    optimization = build_state(CONFIG, "float16", CPU, total_steps=4).optimization
     for precision in ("bf16", "fp16"):
         (tmp_path / precision).mkdir()
-    ckpt.save_optimizer(ckpt.Optimization(optimizer, scheduler), tmp_path / "bf16")
+    ckpt.save_optimizer(optimization._replace(scaler=None), tmp_path / "bf16")
     fresh = torch.amp.GradScaler("cpu")
-    ckpt.load_optimizer(ckpt.Optimization(optimizer, scheduler, fresh), tmp_path / "bf16")
+    ckpt.load_optimizer(optimization._replace(scaler=fresh), tmp_path / "bf16")
     assert fresh.state_dict() == torch.amp.GradScaler("cpu").state_dict()
 
-    ckpt.save_optimizer(ckpt.Optimization(optimizer, scheduler, stepped_scaler()), tmp_path / "fp16")
-    ckpt.load_optimizer(ckpt.Optimization(optimizer, scheduler), tmp_path / "fp16")  # no scaler to restore
+    ckpt.save_optimizer(optimization._replace(scaler=stepped_scaler()), tmp_path / "fp16")
+    ckpt.load_optimizer(optimization._replace(scaler=None), tmp_path / "fp16")  # no scaler to restore

@@ -4,9 +4,9 @@ log-likelihood after the context (acc) and per byte of its text (acc_norm), agai
 import pytest
 import torch
 
-from densetune.evaluate import accuracy, evaluate, text_picks
-from densetune.prompts import prompt
-from densetune.protocols import TextQuestion, text_question, training_pair
+from densetune.trial.evaluate import accuracy, evaluate, text_picks
+from densetune.data.prompts import prompt
+from densetune.data.protocols import TextQuestion, text_question, training_pair
 
 ARC = {
     "instruction": (

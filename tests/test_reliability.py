@@ -11,7 +11,7 @@ from pathlib import Path
 import ray
 from mlflow import MlflowClient
 
-from densetune.tracking import check_tracking_uri, store_lock
+from densetune.sweep.record import check_tracking_uri, store_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1"}
@@ -45,7 +45,7 @@ def test_a_study_starts_its_own_ray_on_loopback_beside_another(local_ray):
 RENDEZVOUS = """
 import json, sys, psutil, ray.train, torch.distributed as dist
 from ray.train.torch import TorchTrainer
-from densetune.rendezvous import BoundTorchConfig
+from densetune.trial.rendezvous import BoundTorchConfig
 from densetune.cluster import ensure_ray
 
 def listening_addresses(_):
@@ -112,8 +112,9 @@ def test_the_runs_a_dead_driver_left_running_can_be_listed_and_closed(tmp_path, 
     from mlflow import MlflowClient
 
     from densetune.config import TrialConfig
-    from densetune.sweep import main
-    from densetune.tracking import ROLE, SWEEP, SweepTracker
+    from densetune.files import ROLE, SWEEP
+    from densetune.results.store import main
+    from densetune.sweep.record import SweepTracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     check_tracking_uri(uri)
@@ -151,7 +152,7 @@ def test_two_studies_started_together_on_one_new_store_both_succeed(tmp_path):
     for name, driver in drivers.items():
         assert driver.returncode == 0, outputs[name][1][-3000:]
 
-    from densetune.tracking import sweeps, sweep_runs
+    from densetune.results.store import sweep_runs, sweeps
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     found = sweeps(uri).set_index("sweep")

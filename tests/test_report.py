@@ -20,10 +20,10 @@ from mlflow.entities import Metric, Param
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from safetensors.torch import save_file
 
-from densetune import report
-from densetune.stats import detectable_difference, mcnemar
-from densetune.tables import percent
-from densetune.tracking import ROLE, STUDY, SWEEP, TRIAL_ID
+from densetune.results import report, store as reader
+from densetune.results.stats import detectable_difference, mcnemar
+from densetune.files import ROLE, STUDY, SWEEP, TRIAL_ID
+from densetune.results.tables import percent, significant
 
 T_975_2 = 4.302652729749464  # Student t, 97.5 % quantile, 2 degrees of freedom (a t table's 4.303)
 QUESTIONS = 25
@@ -217,7 +217,7 @@ def test_pairs_csv_holds_mcnemar_of_the_final_answers(written):
             assert float(pair["p_holm"]) == pytest.approx(factor * 2 / 2**k, rel=1e-12)
             # report.md shows it in points beside the verdict (b_only is 0 here: k discordant questions)
             detectable = percent(detectable_difference(2 * QUESTIONS, k))
-            assert f"| {report.significant(float(pair['p_holm']))} | {detectable} | A better |" in text
+            assert f"| {significant(float(pair['p_holm']))} | {detectable} | A better |" in text
     assert "| p (Holm) | detectable (points) | verdict |" in text.split("## Pairs")[1]
 
 
@@ -261,7 +261,7 @@ def test_files_are_logged_to_the_sweep_run(store, written):
 
 def test_rank_sweep_with_one_seed_and_the_text_protocol(store, tmp_path):
     parent = store.parent("ranks", {"rank": [8, 32]})
-    # DenseLoRA's M of one layer before and after training, as densetune.increments records it
+    # DenseLoRA's M of one layer before and after training, as densetune.trial.increments records it
     generator = torch.Generator().manual_seed(0)
     snapshots = {f"step{step}/model.layers.0.self_attn.q_proj/M": torch.rand(8, 8, generator=generator)
                  for step in (0, 20)}
@@ -295,7 +295,9 @@ def test_empty_sweep_and_missing_folder(store, tmp_path):
 
 def test_cli_unknown_sweep_and_success(store, tmp_path, capsys):
     assert report.main(["nosuch", "--tracking-uri", store.uri]) == 2
-    assert capsys.readouterr().err.strip() == f"error: no sweep 'nosuch' in tracking store {store.uri}"
+    # the error the list and close commands give too (results.store finds a sweep for both): the sweeps there named
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"error: no sweep named 'nosuch' in {store.uri}; the sweeps there: ") and "methods" in error
     assert report.main(["methods", "--tracking-uri", store.uri, "--out", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "report.md")
 
@@ -304,8 +306,8 @@ def test_a_variant_searched_as_a_method_is_its_own_configuration():
     # A sweep's method "freeze" runs as method denselora with variant freeze: it must not merge with DenseLoRA.
     freeze = pd.Series({"method": "denselora", "variant": "freeze", "rank": 8, "seed": 1})
     plain = pd.Series({"method": "denselora", "variant": "denselora", "rank": 8, "seed": 1})
-    assert report.configuration(freeze, ["method", "rank"]) == "method=denselora/freeze rank=8"
-    assert report.configuration(plain, ["method", "rank"]) == "method=denselora rank=8"
+    assert reader.configuration(freeze, ["method", "rank"]) == "method=denselora/freeze rank=8"
+    assert reader.configuration(plain, ["method", "rank"]) == "method=denselora rank=8"
 
 
 @pytest.mark.parametrize(
@@ -318,7 +320,7 @@ def test_a_variant_searched_as_a_method_is_its_own_configuration():
     ],
 )
 def test_denselora_without_sharing_is_its_own_method(settings, label):
-    assert report.method_label(pd.Series(settings)) == label
+    assert reader.method_label(pd.Series(settings)) == label
 
 
 def test_the_report_says_which_split_chose_what_and_chooses_on_validation(written):

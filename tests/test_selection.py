@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from densetune.selection import Candidate, best, check_objective, without_test_metrics
+from densetune.sweep.selection import Candidate, best, check_objective, without_test_metrics
 
 VAL = "val/accuracy/average"
 

@@ -1,10 +1,10 @@
-"""densetune.stats against numbers worked out by hand (binomial coefficients, a t table), not against scipy."""
+"""densetune.results.stats against numbers worked out by hand (binomial coefficients, a t table), not against scipy."""
 
 import math
 
 import pytest
 
-from densetune.stats import detectable_difference, holm, majority_baseline, mcnemar, mean_interval
+from densetune.results.stats import detectable_difference, holm, majority_baseline, mcnemar, mean_interval
 
 
 def paired(both: int, a_only: int, b_only: int, neither: int) -> tuple[list[bool], list[bool]]:

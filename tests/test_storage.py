@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from densetune.config import TrialConfig
-from densetune.data import load_benchmark
+from densetune.data.loading import load_benchmark
 from densetune.storage import check_placement, check_storage, join, read_text, storage_root, write_text
-from densetune.tracking import default_tracking_uri, store_uri
-from densetune.trial import check_config
+from densetune.sweep.record import default_tracking_uri, store_uri
+from densetune.trial.run import check_config
 from s3_server import S3Server
 
 ROW = {"instruction": "Pick one. Answer1: red Answer2: blue", "input": "", "output": "the correct answer is answer1",

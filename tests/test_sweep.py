@@ -17,8 +17,8 @@ import densemod
 from conftest import checkpoint_steps, is_ray_train_worker, kill_and_wait
 from densetune.config import TrialConfig
 from densetune.experiment import LOCAL, SMOKE
-from densetune.sweep import OptunaOnEvaluations, SweepConfig, run_sweep
-from densetune.tracking import sweep_runs
+from densetune.sweep.tune import OptunaOnEvaluations, SweepConfig, run_sweep
+from densetune.results.store import sweep_runs
 
 # The --smoke settings of experiments/: what a user runs first, so it is what the tests run.
 TINY_TRIAL = dict(LOCAL, **SMOKE)
@@ -38,7 +38,7 @@ def tracked(uri: str, sweep: str) -> tuple[MlflowClient, list, list]:
 
 def expected_trainable(method: str, variant: str, rank: int) -> int:
     """The count densemod measures on the same architecture (tiny-llama's shapes, built here)."""
-    from densetune.models import load_model
+    from densetune.trial.models import load_model
 
     config = densemod.build_peft_config(method, rank, variant=variant, target_modules=TrialConfig().targets)
     return densemod.parameter_report(peft.get_peft_model(load_model("tiny-llama"), config)).trainable
@@ -235,7 +235,7 @@ def test_the_hybrid_and_denselora_without_sharing_are_searched_values(local_ray,
     assert not any("q_proj" in k for k in keys if "denselora" in k)
 
     # the report's variant table tells DenseLoRA with and without sharing apart
-    from densetune import report
+    from densetune.results import report
 
     text = report.write_report("s", result.tracking_uri, out=tmp_path / "report").read_text()
     table = text.split("## DenseLoRA variants and sharing (the paper's Table 4)", 1)[1].split("##", 1)[0]
@@ -264,7 +264,7 @@ def test_a_trial_ends_even_when_the_driver_is_slow_to_read_its_results(local_ray
     # A driver that takes a while over each result (a remote MLflow server, a busy machine) lets a trial's training
     # function return before Tune has read its last report: Ray 2.60 then deadlocks unless the trial waits
     # (sweep.wait_until_tune_has_read). Without that wait this sweep never ends; the alarm turns that into a failure.
-    from densetune.tracking import SweepTracker
+    from densetune.sweep.record import SweepTracker
 
     logged = SweepTracker.on_trial_result
 
@@ -285,7 +285,7 @@ def test_a_trial_ends_even_when_the_driver_is_slow_to_read_its_results(local_ray
 def model_without_weights(folder: Path) -> str:
     """A model folder with a config and a tokenizer but no weights: every check passes, and the workers fail to load
     it."""
-    from densetune.models import byte_tokenizer, tiny_llama_config
+    from densetune.trial.models import byte_tokenizer, tiny_llama_config
 
     tiny_llama_config().save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from densetune import precision as mixed
 from densetune.config import TrialConfig
-from densetune.data import collate
-from densetune.inputs import load_data
-from densetune.models import load_tokenizer
-from densetune.train import build_model, require_gpu, target_loss_sum, train_step
+from densetune.data.batching import TokenCounts
+from densetune.data.tokens import collate
+from densetune.trial.inputs import load_data
+from densetune.trial.models import load_tokenizer
+from densetune.trial.loop import build_state, require_gpu, target_loss_sum, train_step
 
 CONFIG = TrialConfig(
     model="tiny-llama", rank=4, dropout=0.0, batch_size=4, micro_batch_size=2, datasets=["synthetic"],
@@ -22,12 +22,17 @@ FP16 = dataclasses.replace(CONFIG, dtype="float16", lr=1e-2, warmup_steps=0)
 CPU = torch.device("cpu")
 
 
-def micro_batches(config: TrialConfig) -> tuple[list[dict[str, torch.Tensor]], tuple[int, int]]:
-    """A step's two micro-batches of two rows, and their (real tokens, token slots)."""
+def micro_batches(config: TrialConfig) -> list[dict[str, torch.Tensor]]:
+    """A step's two micro-batches of two rows."""
     rows = load_data(config).train
-    batches = [collate(rows, [i, i + 1], load_tokenizer(config.model).pad_token_id) for i in (0, 2)]
-    counts = (sum(int(b["attention_mask"].sum()) for b in batches), sum(b["attention_mask"].numel() for b in batches))
-    return batches, counts
+    return [collate(rows, [i, i + 1], load_tokenizer(config.model).pad_token_id) for i in (0, 2)]
+
+
+def counted(batches: list[dict[str, torch.Tensor]]) -> TokenCounts:
+    return TokenCounts(
+        tokens=sum(int(b["attention_mask"].sum()) for b in batches),
+        slots=sum(b["attention_mask"].numel() for b in batches),
+    )
 
 
 def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -37,15 +42,16 @@ def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def one_step(method: str):
     """The model before its first step, the step's result, and the step's micro-batches."""
     config = dataclasses.replace(CONFIG, method=method)
-    batches, counts = micro_batches(config)
-    model, optimizer, _ = build_model(config, "float32", CPU, total_steps=4)
+    batches = micro_batches(config)
+    state = build_state(config, "float32", CPU, total_steps=4)
+    model = state.model
     targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     model.train()
     with torch.no_grad():
         # the transformers model under the adapter alone: the task's loss, without what the PEFT model adds to it
         task = sum(model.base_model.model(**b, num_items_in_batch=targets).loss.item() for b in batches)
         whole = sum(model(**b, num_items_in_batch=targets).loss.item() for b in batches)
-    return task, whole, train_step(model, batches, counts, 1, CPU, "float32", config, optimizer)
+    return task, whole, train_step(state, batches, counted(batches))
 
 
 def test_adalora_reports_the_task_loss_and_its_orthogonality_penalty_apart():
@@ -74,7 +80,7 @@ def test_logits_at_the_target_positions_only_give_transformers_loss_and_gradient
     batch = collate(rows, [longest[0], longest[len(rows) // 2], longest[-1]], load_tokenizer(config.model).pad_token_id)
     assert len(set(batch["attention_mask"].sum(1).tolist())) == 3  # three lengths: padding in two rows
     targets = int((batch["labels"][:, 1:] != -100).sum())
-    model = build_model(config, "float32", torch.device("cpu"), total_steps=4)[0]
+    model = build_state(config, "float32", CPU, total_steps=4).model
     with torch.no_grad():  # away from the zero-output start, so that every adapter weight has a gradient
         for name, p in model.named_parameters():
             if p.requires_grad:
@@ -97,14 +103,14 @@ def test_logits_at_the_target_positions_only_give_transformers_loss_and_gradient
 
 def test_a_float16_step_is_the_scaled_step_written_out():
     """Backward on the loss times the scale, gradients divided by it, clipped, AdamW: as GradScaler's manual has it."""
-    batches, counts = micro_batches(FP16)
-    model, optimizer, _ = build_model(FP16, "float16", CPU, total_steps=4)
-    initial = trainable(model)
-    scaler = mixed.grad_scaler("float16", CPU)
-    scale = scaler.get_scale()
-    assert not train_step(model, batches, counts, 1, CPU, "float16", FP16, optimizer, scaler).skipped
+    batches = micro_batches(FP16)
+    state = build_state(FP16, "float16", CPU, total_steps=4)
+    initial = trainable(state.model)
+    scale = state.optimization.scaler.get_scale()
+    assert not train_step(state, batches, counted(batches)).skipped
 
-    by_hand, hand_optimizer, _ = build_model(FP16, "float16", CPU, total_steps=4)
+    hand = build_state(FP16, "float16", CPU, total_steps=4)
+    by_hand, hand_optimizer = hand.model, hand.optimization.optimizer
     by_hand.train()
     targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     for batch in batches:
@@ -116,22 +122,22 @@ def test_a_float16_step_is_the_scaled_step_written_out():
     torch.nn.utils.clip_grad_norm_(weights, FP16.max_grad_norm)
     hand_optimizer.step()
 
-    stepped, expected = trainable(model), trainable(by_hand)
+    stepped, expected = trainable(state.model), trainable(by_hand)
     assert any(not torch.equal(stepped[name], initial[name]) for name in initial)
     for name, weight in stepped.items():
         torch.testing.assert_close(weight, expected[name], msg=name)
 
 
 def losses(precision: str, steps: int = 4) -> list[float]:
-    batches, counts = micro_batches(FP16)
-    model, optimizer, _ = build_model(FP16, precision, CPU, total_steps=steps)
-    scaler = mixed.grad_scaler(precision, CPU)
+    batches = micro_batches(FP16)
+    state = build_state(FP16, precision, CPU, total_steps=steps)
+    assert (state.optimization.scaler is None) == (precision != "float16")
     done = []
     for _ in range(steps):
-        step = train_step(model, batches, counts, 1, CPU, precision, FP16, optimizer, scaler)
+        step = train_step(state, batches, counted(batches))
         assert not step.skipped
         done.append(step.loss)
-        optimizer.zero_grad(set_to_none=True)
+        state.optimization.optimizer.zero_grad(set_to_none=True)
     return done
 
 
@@ -143,20 +149,21 @@ def test_float16_with_its_scaler_follows_the_float32_loss_curve():
 
 
 def test_an_overflow_in_float16_skips_the_step_and_leaves_the_adapter_as_it_was():
-    batches, counts = micro_batches(FP16)
-    model, optimizer, _ = build_model(FP16, "float16", CPU, total_steps=4)
-    before = trainable(model)
+    batches = micro_batches(FP16)
+    state = build_state(FP16, "float16", CPU, total_steps=4)
+    before = trainable(state.model)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)  # the scaled gradients overflow float16: inf
-    step = train_step(model, batches, counts, 1, CPU, "float16", FP16, optimizer, scaler)
+    state.optimization = state.optimization._replace(scaler=scaler)
+    step = train_step(state, batches, counted(batches))
     assert step.skipped and math.isfinite(step.loss)  # not a divergence: the loss itself is finite
     assert scaler.get_scale() == 2.0**99  # backed off
-    assert not optimizer.state  # AdamW never stepped
-    after = trainable(model)
+    assert not state.optimization.optimizer.state  # AdamW never stepped
+    after = trainable(state.model)
     assert all(torch.equal(after[name], weight) for name, weight in before.items())
 
 
 def test_the_model_is_built_on_the_workers_device():
-    model = build_model(CONFIG, "bfloat16", torch.device("meta"), total_steps=4)[0]
+    model = build_state(CONFIG, "bfloat16", torch.device("meta"), total_steps=4).model
     assert {p.device.type for p in model.parameters()} == {"meta"}
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
 

@@ -7,9 +7,9 @@ import pytest
 import ray
 
 from densetune.config import TrialConfig
-from densetune.increments import by_step, load_snapshots
-from densetune.models import tiny_llama
-from densetune.trial import main, prepare, run_trial
+from densetune.trial.increments import by_step, load_snapshots
+from densetune.trial.models import tiny_llama
+from densetune.trial.run import main, prepare, run_trial
 
 # float32: the tests below compare runs that must agree to rounding (bfloat16 has its own test).
 FAST = dict(

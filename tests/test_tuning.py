@@ -8,8 +8,8 @@ from mlflow import MlflowClient
 
 from densetune.config import SweepConfig, TrialConfig
 from densetune.experiment import LOCAL, SMOKE
-from densetune.report import write_report
-from densetune.selection import Candidate
+from densetune.results.report import write_report
+from densetune.sweep.selection import Candidate
 from densetune.tuning import Tuning, check_tuning, choose, past_edge, run_tuned
 
 VAL = "val/accuracy/average"

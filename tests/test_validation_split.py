@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from densetune.config import TrialConfig
-from densetune.data import IGNORE_INDEX, load_benchmark
-from densetune.evaluate import answer_loss
-from densetune.inputs import load_data, training_rows
-from densetune.models import byte_tokenizer, tiny_llama
+from densetune.data.tokens import IGNORE_INDEX
+from densetune.data.loading import load_benchmark
+from densetune.trial.evaluate import answer_loss
+from densetune.trial.inputs import load_data, training_rows
+from densetune.trial.models import byte_tokenizer, tiny_llama
 
 SETTINGS = dict(model="tiny-llama", cutoff_len=512, batch_size=4, micro_batch_size=2, val_size=20)
 

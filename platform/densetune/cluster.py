@@ -5,8 +5,8 @@ autoscaler's node types are read where the cluster launcher leaves them, ~/ray_b
 which is where a study's driver runs under `ray job submit` (Ray Tune looks for the same file to tell an autoscaling
 cluster). Elsewhere the file is absent and only the live nodes count.
 
-Ray's private API is touched in two places, each wrapped once here or in rendezvous.py and named in PRIVATE_RAY with
-the Ray version it was checked against; tests/test_cluster.py fails loudly where an upgrade moves them.
+Ray's private API is touched in three places, each wrapped once (here, or trial/rendezvous.py) and named in PRIVATE_RAY
+with the Ray version it was checked against; tests/test_cluster.py fails loudly where an upgrade moves them.
 """
 
 from __future__ import annotations
@@ -29,7 +29,13 @@ BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
 JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 # Ray's private names this project relies on, with the version they were checked against: (module, name).
 CHECKED_RAY = "2.60.0"
-PRIVATE_RAY = (("ray._private.ray_constants", "ENABLE_RAY_CLUSTER"), ("ray.train.torch.config", "_TorchBackend"))
+PRIVATE_RAY = (
+    ("ray._private.ray_constants", "ENABLE_RAY_CLUSTER"),  # loopback_only
+    ("ray.train.torch.config", "_TorchBackend"),  # rendezvous.BoundTorchConfig
+    ("ray._common.constants", "HEAD_NODE_RESOURCE_NAME"),  # HEAD_RESOURCE's value
+)
+# The resource Ray gives the head node only: asking for a sliver of it places a task on the head.
+HEAD_RESOURCE = "node:__internal_head__"
 
 
 def ensure_ray() -> bool:

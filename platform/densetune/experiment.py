@@ -21,8 +21,19 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from .config import (
-    DEFAULT_METRIC, PROTOCOLS, SCHEDULERS, SEARCHABLE, SEARCHES, SweepConfig, TrialConfig, add_setting, comma_list,
-    field_type, grid_points, points_space, shown,
+    DEFAULT_METRIC,
+    PROTOCOLS,
+    SCHEDULERS,
+    SEARCHABLE,
+    SEARCHES,
+    SweepConfig,
+    TrialConfig,
+    add_setting,
+    comma_list,
+    field_type,
+    grid_points,
+    points_space,
+    shown,
 )
 from .storage import is_remote
 
@@ -222,7 +233,7 @@ def tuning_of(args: argparse.Namespace) -> Any:
 
 def tuned_dry_run(sweep: SweepConfig, tuning: Any) -> list[str]:
     """A --tune study's plan, checked, and the dry run of its tuning phase."""
-    from .sweep import dry_run
+    from .sweep.tune import dry_run
     from .tuning import check_tuning, plan
 
     check_tuning(sweep, tuning)
@@ -236,7 +247,7 @@ def closest_rank(trial: TrialConfig, method: str, reference: dict[str, Any], ran
     the smaller rank."""
     import densemod
 
-    from .models import meta_model
+    from .trial.models import meta_model
 
     model = meta_model(trial.model)
     reference_peft = dataclasses.replace(trial, **reference).peft_config(total_steps=2)
@@ -265,11 +276,11 @@ def main(study: Study, description: str, argv: Optional[list[str]] = None) -> in
     args = parser(study, description).parse_args(argv)
     # MLflow draws a progress bar for every artifact the report downloads
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from .report import write_report
-    from .summary import to_text
-    from .sweep import dry_run, run_sweep
-    from .tracking import ui_command
-    from .trial import as_a_command
+    from .results.report import write_report
+    from .results.summary import to_text
+    from .sweep.tune import dry_run, run_sweep
+    from .sweep.record import ui_command
+    from .trial.run import as_a_command
 
     as_a_command()
     try:

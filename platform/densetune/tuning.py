@@ -31,11 +31,10 @@ from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
 from .config import SEARCHABLE, SweepConfig, grid_points, points_space, settings_label
-from .selection import Candidate, best
-from .sweep import SweepResult, check_sweep, objectives, run_sweep
-from .tracking import (
-    ROLE, STUDY, SWEEP, TUNED_ROLE, TUNING_TABLE, artifact_root, check_tracking_uri, git_commit, source_tags, store_uri,
-)
+from .files import ROLE, STUDY, SWEEP, TUNED_ROLE, TUNING_TABLE
+from .sweep.record import artifact_root, check_tracking_uri, git_commit, source_tags, store_uri
+from .sweep.selection import Candidate, best
+from .sweep.tune import SweepResult, check_sweep, objectives, run_sweep
 
 
 
@@ -187,7 +186,7 @@ def record(
     tried: dict[str, dict[Any, Candidate]],
 ) -> None:
     """Each point's trial as a Candidate (its objective's last value and its status), by configuration and value.
-    A trial's run is named by its point (tracking: settings_label of the searched settings, in the space's order).
+    A trial's run is named by its point (sweep.record: settings_label of the searched settings, in the space's order).
     Its key starts with the order in which its configuration tried it, so that a tie goes to the value tried first
     (Tune's trial ids differ in a random prefix from one sweep to the next), and ends with its trial id."""
     runs = phase.trials.set_index("run_name") if not phase.trials.empty else pd.DataFrame()

@@ -2,11 +2,11 @@
 the optimizer steps, the tokens trained on and the device seconds spent, and what it took each configuration to come
 within a share of the best final accuracy.
 
-One reader, `metric_histories`, turns the store's histories into a frame; everything else is a pure function over
-pandas frames (run_id, metric, step, value; the trials' run_id and configuration), so that the report and the tests
+Everything here is a pure function over pandas frames (histories: run_id, metric, step, value, as
+results.store.metric_histories reads them; the trials' run_id and configuration), so that the report and the tests
 draw the same figures without an MLflow client:
 
-    histories = metric_histories(client, trials["run_id"], ["val/accuracy/average", "loss", "val/loss", *COST])
+    histories = store.metric_histories(client, trials["run_id"], ["val/accuracy/average", "loss", "val/loss", *COST])
     curves = mean_curves(curve_points(histories, trials, "val/accuracy/average"))
     budget_table(curves)                        # the target (a column), and when each configuration reached it
     learning_curves_figure(curves, folder / "learning_curves.png", "val/accuracy/average", reference)
@@ -23,10 +23,9 @@ import numpy as np
 import pandas as pd
 from matplotlib import rcParams
 from matplotlib.figure import Figure  # not pyplot: no display backend on the machines sweeps run on
-from mlflow import MlflowClient
 
 from .tables import count, markdown_table, percent
-from .tracking import DEVICE_SECONDS
+from ..files import DEVICE_SECONDS
 
 TOKENS = "tokens_seen"
 COST = (TOKENS, DEVICE_SECONDS)  # cumulative at each step: what the curves are also drawn against
@@ -39,29 +38,13 @@ BUDGET_COLUMNS = ["configuration", "trials", "final", "step", TOKENS, DEVICE_SEC
 AGAINST = (("step", "optimizer step"), (TOKENS, "tokens seen"), (DEVICE_SECONDS, "device seconds"))
 
 
-# Reading
-
-
-def metric_histories(client: MlflowClient, run_ids: Sequence[str], metrics: Sequence[str]) -> pd.DataFrame:
-    """The histories of `metrics` in the runs `run_ids`: one row per run, metric and step (columns run_id, metric,
-    step, value). Where a metric was logged more than once at a step (a trial's final device_seconds), the value
-    logged last (largest timestamp) is kept. A metric a run never logged has no rows."""
-    rows = [
-        (run_id, m.key, m.timestamp, int(m.step), float(m.value))
-        for run_id in run_ids for metric in metrics for m in client.get_metric_history(run_id, metric)
-    ]
-    frame = pd.DataFrame(rows, columns=["run_id", "metric", "timestamp", "step", "value"])
-    frame = frame.sort_values("timestamp", kind="stable")  # on a tie, the order the store gave
-    return last_per_step(frame)[HISTORY_COLUMNS]
+# Frames
 
 
 def last_per_step(histories: pd.DataFrame) -> pd.DataFrame:
     """One row per run, metric and step: the last of the rows that share them, sorted by run, metric and step."""
     kept = histories.drop_duplicates(["run_id", "metric", "step"], keep="last")
     return kept.sort_values(["run_id", "metric", "step"], kind="stable").reset_index(drop=True)
-
-
-# Frames
 
 
 def curve_points(histories: pd.DataFrame, trials: pd.DataFrame, metric: str) -> pd.DataFrame:

@@ -3,6 +3,9 @@
 Ray's MLflowLoggerCallback is not used: it logs every numeric key of every Tune result (config/ prefixes, pids,
 timestamps, trial ids parsed as numbers) and leaves the runs of a killed driver RUNNING. This callback logs the
 trial's configuration as the user wrote it, the training loop's own metrics, and always ends a run.
+
+This module writes the record; the results stage reads it (densetune.results.store), both by the names in
+densetune.files.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-import pandas as pd
 import pyarrow.fs
 import ray.train
 from mlflow import MlflowClient
@@ -38,28 +40,30 @@ from ray import tune
 from densemod.denselora.config import default_alpha
 
 from .callbacks import RestorableCallback
-from .config import (
-    DEFAULT_METRIC, DIVERGED, TEST_PREFIXES, VAL_PREFIX, TrialConfig, field_type, flat_params, settings_label,
+from ..config import (
+    DEFAULT_METRIC,
+    DIVERGED,
+    TEST_PREFIXES,
+    VAL_PREFIX,
+    TrialConfig,
+    flat_params,
+    settings_label,
 )
-from .files import ADAPTER, ADAPTER_CONFIG, PREDICTIONS, SNAPSHOTS, SUMMARY
+from ..files import (
+    ADAPTER, ADAPTER_CONFIG, DEVICE_SECONDS, FACTS, PREDICTIONS, ROLE, SNAPSHOTS, STUDY, SUMMARY, SWEEP, TRIAL_ID,
+    WALL_TIME,
+)
 from .selection import Candidate, best
-from .storage import is_remote
+from ..storage import is_remote
 
-# Reported once per trial and constant: logged as params, and the numbers among them also as metrics (at step 0), so
-# that the UI and search_runs sort and filter them as numbers.
-FACTS = {"trainable_params": int, "total_params": int, "trainable_pct": float, "total_steps": int, "precision": str}
 STEP_METRICS = (
     "loss", "aux_loss", "learning_rate", "tokens_per_s", "tokens_seen", "padding_fraction", "step_time_s",
-    "peak_memory_mb", "epoch", "startup_s", "device_seconds",
+    "peak_memory_mb", "epoch", "startup_s", DEVICE_SECONDS,
 )
-# Logged when a trial ends: its wall time, and what it cost, the devices it reserved times that time.
-WALL_TIME, DEVICE_SECONDS = "wall_time_s", "device_seconds"
-ROLE, SWEEP, STUDY, TRIAL_ID, NODE_ID = "densetune.role", "sweep", "study", "ray.trial_id", "ray.node_id"
+NODE_ID = "ray.node_id"  # a tag of a trial's run: the node its rank 0 runs on
 FAILED_TRIALS, DIVERGED_TRIALS = "failed_trials", "diverged_trials"  # tags of the sweep's run
 DIVERGED_TAG = "diverged"  # a tag of a trial's run whose loss was not finite: the step
 ADAPTER_FILES = (ADAPTER, ADAPTER_CONFIG)
-# --tune's study run, the parent of its phases' sweep runs, and its tuning table (densetune.tuning writes them)
-TUNED_ROLE, TUNING_TABLE = "tuned", "tuning.csv"
 RECORD_FILES = (PREDICTIONS, SUMMARY, SNAPSHOTS)
 # evaluations: the test split's accuracies (accuracy/..., accuracy_norm/...) and the validation set's (val/...)
 EVALUATED = (*TEST_PREFIXES, VAL_PREFIX)
@@ -81,6 +85,12 @@ def default_tracking_uri(storage_path: str) -> str:
     else:
         folder = Path(storage_path).resolve()
     return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def store_uri(tracking_uri: Optional[str] = None, storage_path: str = "runs") -> str:
+    """The store a command uses: the one it names, else $MLFLOW_TRACKING_URI, else the embedded store of the storage
+    path (by default ./runs/mlflow.db, where a study writes without flags)."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(storage_path)
 
 
 def artifact_root(uri: str) -> Optional[str]:
@@ -172,7 +182,7 @@ def dataset_inputs(config: TrialConfig) -> list[DatasetInput]:
     `<data set>/<split>` (ARC-Easy/train, ARC-Easy/test). MLflow wants a digest: this one is of the name, not of the
     content. A suite (commonsense) is listed as the benchmarks it evaluates on."""
     # Imported here: inputs imports torch, which this module's users (report, the CLI's --help) must not wait for.
-    from .inputs import eval_sources
+    from ..trial.inputs import eval_sources
 
     inputs = []
     splits = (("training", "train", config.datasets), ("evaluation", "test", eval_sources(config)))
@@ -473,92 +483,3 @@ def checkpoint_at(path: str, storage_path: str) -> ray.train.Checkpoint:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def sweep_runs(sweep: str, tracking_uri: Optional[str] = None, study: Optional[str] = None) -> pd.DataFrame:
-    """One row per trial of `sweep`: run id and name, trial id, status, the params (typed), the last value of each metric;
-    none while the sweep has no trial yet.
-
-    Params carry TrialConfig's types (rank is an int, lr a float), so the frame sorts and plots as expected. The store
-    is by default the one a study writes to without flags (store_uri). Raises ValueError naming the known sweeps when
-    the store (or its `study`) has no sweep of that name.
-    """
-    uri = store_uri(tracking_uri)
-    runs = [r for r in sweep_records(MlflowClient(uri), sweep, uri, study) if r.data.tags.get(ROLE) == "trial"]
-    rows = [
-        {
-            "run_id": run.info.run_id, "run_name": run.info.run_name, "trial_id": run.data.tags.get(TRIAL_ID),
-            "status": run.info.status,
-            **{k: typed_param(k, v) for k, v in run.data.params.items()},
-            # the facts logged as metrics too keep their params' types (trainable_params an int)
-            **{k: FACTS[k](v) if k in FACTS else v for k, v in run.data.metrics.items()},
-        }
-        for run in runs
-    ]
-    return pd.DataFrame(rows).sort_values("trial_id", ignore_index=True) if rows else pd.DataFrame(rows)
-
-
-def store_uri(tracking_uri: Optional[str] = None, storage_path: str = "runs") -> str:
-    """The store a command uses: the one it names, else $MLFLOW_TRACKING_URI, else the embedded store of the storage
-    path (by default ./runs/mlflow.db, where a study writes without flags)."""
-    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(storage_path)
-
-
-def sweep_records(client: MlflowClient, sweep: str, tracking_uri: str, study: Optional[str] = None) -> list:
-    """Every run of `sweep`, its own and its trials'. Raises ValueError, one line naming the sweeps there, when the
-    store (or its `study`) has no sweep of that name."""
-    ids = experiment_ids(client, study)
-    runs = client.search_runs(ids, f"tags.{SWEEP} = '{sweep}'", max_results=10_000) if ids else []
-    if not any(r.data.tags.get(ROLE) == "sweep" for r in runs):
-        found = sweeps(tracking_uri)
-        if study is not None:
-            found = found[found["study"] == study]
-        known = ", ".join(sorted(found["sweep"])) or "none"
-        where = tracking_uri if study is None else f"study {study!r} of {tracking_uri}"
-        raise ValueError(f"no sweep named {sweep!r} in {where}; the sweeps there: {known}")
-    return runs
-
-
-def experiment_ids(client: MlflowClient, study: Optional[str] = None) -> list[str]:
-    """The ids of the store's experiments, or of the one named `study` (none if it does not exist)."""
-    experiments = [client.get_experiment_by_name(study)] if study else client.search_experiments()
-    return [e.experiment_id for e in experiments if e is not None]
-
-
-def sweeps(tracking_uri: str) -> pd.DataFrame:
-    """One row per sweep in the store: its name, study, status, start, and how many of its trials ended how."""
-    client = MlflowClient(tracking_uri)
-    ids = experiment_ids(client)
-    parents, trials = (
-        client.search_runs(ids, f"tags.`{ROLE}` = '{role}'", max_results=50_000) if ids else [] for role in ("sweep", "trial")
-    )
-    rows = []
-    for parent in parents:
-        name = parent.data.tags[SWEEP]
-        statuses = pd.Series([r.info.status for r in trials if r.data.tags.get(SWEEP) == name], dtype=str)
-        rows.append({
-            "sweep": name, "study": parent.data.tags.get(STUDY), "status": parent.info.status,
-            "started": pd.Timestamp(parent.info.start_time, unit="ms").strftime("%Y-%m-%d %H:%M"),
-            "trials": ", ".join(f"{n} {status}" for status, n in statuses.value_counts().sort_index().items()),
-        })
-    return pd.DataFrame(rows, columns=["sweep", "study", "status", "started", "trials"])
-
-
-def close_sweep(sweep: str, tracking_uri: str) -> list[str]:
-    """End as KILLED every run of `sweep` still RUNNING: what a driver that died (kill -9, a lost head) leaves behind.
-    Returns their names. Raises ValueError naming the known sweeps when the store has none of that name."""
-    client = MlflowClient(tracking_uri)
-    running = [r for r in sweep_records(client, sweep, tracking_uri) if r.info.status == "RUNNING"]
-    for run in running:
-        client.set_terminated(run.info.run_id, "KILLED")
-    return [run.info.run_name for run in running]
-
-
-def typed_param(name: str, value: str) -> Any:
-    kind = FACTS.get(name) or (field_type(name) or (str, False))[0]
-    if kind is bool:
-        return value == "True"
-    try:
-        return kind(value) if kind in (int, float) else value
-    except ValueError:
-        return value

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
-from .config import TEST_PREFIXES, VAL_PREFIX
+from ..config import TEST_PREFIXES, VAL_PREFIX
 
 FINISHED = "FINISHED"
 

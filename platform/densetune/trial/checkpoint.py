@@ -18,7 +18,7 @@ import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from .files import ADAPTER
+from ..files import ADAPTER
 
 
 @dataclass

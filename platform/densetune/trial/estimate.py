@@ -17,13 +17,14 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from . import precision as mixed
-from .batching import epoch_batches, token_counts
-from .config import TrialConfig
-from .data import collate
+from ..data.batching import epoch_batches, token_counts
+from ..config import TrialConfig
+from ..data.tokens import collate
 from .evaluate import evaluate
 from .inputs import TrialData, eval_set, training_rows
 from .models import load_tokenizer
-from .train import build_model, train_step
+from .loop import build_state, train_step
+from .state import planned_steps
 
 # Ray Train's own start-up for each trial, fit() to a no-op training function: 4.7 s (docs/PERFORMANCE.md, median of 3).
 RAY_TRAIN_START_S = 4.7
@@ -46,7 +47,7 @@ def measure(config: TrialConfig, data: TrialData, steps: int = 2) -> Measured:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = mixed.resolve(config.dtype, device)
     started = time.perf_counter()
-    model, optimizer, _ = build_model(config, precision, device, total_steps=steps + 1)
+    state = build_state(config, precision, device, total_steps=steps + 1)
     load_s = time.perf_counter() - started
     tokenizer = load_tokenizer(config.model)
     examples = training_rows(config, data)
@@ -56,8 +57,8 @@ def measure(config: TrialConfig, data: TrialData, steps: int = 2) -> Measured:
     for micro_batches in batches[: steps + 1]:
         started = time.perf_counter()
         inputs = [collate(data.train, examples[batch], tokenizer.pad_token_id) for batch in micro_batches]
-        train_step(model, inputs, token_counts(lengths, micro_batches), 1, device, precision, config, optimizer)
-        optimizer.zero_grad(set_to_none=True)
+        train_step(state, inputs, token_counts(lengths, micro_batches))
+        state.optimization.optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - started)
     sample = dataclasses.replace(config, eval_limit=config.eval_batch_size)
     question_s = {}
@@ -65,8 +66,10 @@ def measure(config: TrialConfig, data: TrialData, steps: int = 2) -> Measured:
         name, rows = eval_set(sample, name, rows)
         started = time.perf_counter()
         with mixed.autocast(precision, device):
-            evaluate(model, tokenizer, name, rows, config.eval_mode, config.max_new_tokens, config.eval_batch_size,
-                     protocol=config.protocol)
+            evaluate(
+                state.model, tokenizer, name, rows, config.eval_mode, config.max_new_tokens, config.eval_batch_size,
+                protocol=config.protocol,
+            )
         question_s[key] = (time.perf_counter() - started) / len(rows)
     measured = times[1:] or times
     return Measured(device.type, precision, load_s, sum(measured) / len(measured), question_s)
@@ -74,7 +77,7 @@ def measure(config: TrialConfig, data: TrialData, steps: int = 2) -> Measured:
 
 def total_steps(config: TrialConfig, data: TrialData) -> int:
     """The optimizer steps the trial will take, as the training loop counts them."""
-    return config.max_steps or config.epochs * (len(training_rows(config, data)) // config.batch_size)
+    return planned_steps(config, len(training_rows(config, data)))
 
 
 def evaluated_sets(data: TrialData) -> dict[str, tuple[str, list[dict]]]:

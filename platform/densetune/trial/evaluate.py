@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .answers import LABEL_FORMATS, LOGLIK_PREFIX, answer_format, choices, extract, is_correct
-from .config import PROTOCOLS
-from .data import IGNORE_INDEX, TokenizedRows, collate
-from .prompts import prompt
-from .protocols import text_question
+from ..data.answers import LABEL_FORMATS, LOGLIK_PREFIX, answer_format, choices, extract, is_correct
+from ..config import PROTOCOLS
+from ..data.tokens import IGNORE_INDEX, TokenizedRows, collate
+from ..data.prompts import prompt
+from ..data.protocols import text_question
 
 
 @contextmanager

@@ -8,13 +8,12 @@
 The sweep's folder is <storage_path>/<name>: Tune's experiment state, and under trials/ each trial's Ray Train run
 (checkpoints). Running it again with resume=True continues it; finished trials are not run again.
 
-    python -m densetune.sweep list            # the sweeps in the store, their status and trials
+    python -m densetune.sweep list            # the sweeps in the store (densetune.results.store, which reads them)
     python -m densetune.sweep close NAME      # end as KILLED the runs a dead driver left RUNNING
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
@@ -39,24 +38,32 @@ from ray.tune.search.sample import Domain
 import densemod
 from densemod.denselora.config import check_choice
 
-from . import cluster
-from .cluster import check_placeable, own_ray, trials_that_fit, uses_gpu, worker_resources
-from .config import (
-    DIVERGED, POINT, SCHEDULERS, SEARCHABLE, SEARCHES, VAL_PREFIX, SweepConfig, TrialConfig, flat_params, grid_points,
+from .. import cluster
+from ..cluster import check_placeable, own_ray, trials_that_fit, uses_gpu, worker_resources
+from ..config import (
+    DIVERGED,
+    POINT,
+    SCHEDULERS,
+    SEARCHABLE,
+    SEARCHES,
+    VAL_PREFIX,
+    SweepConfig,
+    TrialConfig,
+    flat_params,
+    grid_points,
     settings_label,
 )
-from .console import SweepProgress, clock, console, output_to
-from .inputs import TrialData, data_source, load_data, training_rows
-from .trial import check_adapter_fits, check_config, check_non_negative, check_positive, run_trial
+from .progress import SweepProgress, clock, console, output_to
+from ..trial.inputs import TrialData, data_source, load_data, training_rows
+from ..trial.run import check_adapter_fits, check_config, check_non_negative, check_positive, run_trial
 from .selection import check_objective, without_test_metrics
-from .storage import check_placement, check_storage, is_remote, join, read_text, storage_root, write_text
+from ..storage import check_placement, check_storage, is_remote, join, read_text, storage_root, write_text
 
 # A trial's driver only starts its worker group and waits: a sliver of memory, no CPU, so that a 2-worker trial
 # still fits a 2-CPU machine (Tune's default of 1 CPU per trial would leave it 1). It runs on the head node, beside
 # the sweep's driver: Ray Train's controller goes where the trial's driver is, and a controller lost with a worker
 # node would fail the trial, where a lost worker only restarts it from its checkpoint (FailureConfig).
-# ("node:__internal_head__": the resource Ray gives the head node only.)
-DRIVER_RESOURCES = {"memory": 256 * 2**20, "node:__internal_head__": 0.001}
+DRIVER_RESOURCES = {"memory": 256 * 2**20, cluster.HEAD_RESOURCE: 0.001}
 RECORD = "densetune_sweep.json"  # in the sweep's folder: its study, tracking store and trial settings, for --resume
 # Search values for "method" may also name a DenseLoRA variant: one axis compares the paper's variants with the
 # PEFT baselines.
@@ -291,9 +298,11 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
     The console shows what runs and how far it got; Ray's own output goes to sweep.log in the sweep's folder
     (sweep.verbose: to the console too).
     """
-    # Only the sweep's driver tracks; its trials, which import this module too, need not load MLflow.
-    from .summary import summary_frame, write_files
-    from .tracking import SweepTracker, artifact_root, check_tracking_uri, store_uri, sweep_runs
+    # Only the sweep's driver tracks; its trials, which import this module too, need not load MLflow. Once the sweep
+    # has ended, its result is read back through the results stage (the one import against the flow: test_layout).
+    from ..results.store import sweep_runs
+    from ..results.summary import summary_frame, write_files
+    from .record import SweepTracker, artifact_root, check_tracking_uri, store_uri
 
     check_sweep(sweep)
     name = sweep.name or f"{sweep.study}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -367,7 +376,7 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
 def dry_run(sweep: SweepConfig) -> list[str]:
     """What run_sweep would start, checked as it would check it, with an estimate of its time from one trial's model
     timed here (estimate.measure); nothing is started, written or tracked."""
-    from .estimate import measure, trial_seconds
+    from ..trial.estimate import measure, trial_seconds
 
     check_sweep(sweep)
     data = sweep_data(sweep)
@@ -456,41 +465,3 @@ def sweep_params(sweep: SweepConfig, folder: str) -> dict[str, str]:
         "max_concurrent": str(sweep.max_concurrent), "model": sweep.trial.model,
         "datasets": ",".join(sweep.trial.datasets), **({"points": json.dumps(sweep.points)} if sweep.points else {}),
     }
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """python -m densetune.sweep list | close NAME"""
-    from .tracking import close_sweep, store_uri, sweeps
-
-    parser = argparse.ArgumentParser(
-        prog="python -m densetune.sweep", description="The sweeps in a tracking store, and closing one whose driver died.",
-    )
-    parser.add_argument(
-        "--tracking-uri", help="the MLflow store (default: $MLFLOW_TRACKING_URI, else the embedded store of "
-        "--storage-path, as the studies use)",
-    )
-    parser.add_argument("--storage-path", default="runs", help="(default: %(default)s)")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", help="every sweep: its study, status, start and its trials by status")
-    close = commands.add_parser(
-        "close", help="end as KILLED every run of a sweep still RUNNING; for a sweep whose driver is gone (to go on "
-        "with it instead, run its study again with --resume)",
-    )
-    close.add_argument("name")
-    args = parser.parse_args(argv)
-    uri = store_uri(args.tracking_uri, args.storage_path)
-    if args.command == "list":
-        found = sweeps(uri)
-        print(found.to_string(index=False) if not found.empty else f"no sweeps in {uri}")
-        return 0
-    try:
-        closed = close_sweep(args.name, uri)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"sweep {args.name}: closed {len(closed)} run(s) left RUNNING" + "".join(f"\n  {n}" for n in closed))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import ray
 
-from . import cluster
-from .cluster import check_placeable, own_ray, uses_gpu, worker_resources
-from .config import DIVERGED, DTYPES, EVAL_MODES, PROTOCOLS, TrialConfig, add_setting, shown
-from .storage import check_placement, check_storage, storage_root
+from .. import cluster
+from ..cluster import check_placeable, own_ray, uses_gpu, worker_resources
+from ..config import DIVERGED, DTYPES, EVAL_MODES, PROTOCOLS, TrialConfig, add_setting, shown
+from ..storage import check_placement, check_storage, storage_root
 
 if TYPE_CHECKING:
     import numpy as np
@@ -72,7 +72,7 @@ def check_config(config: TrialConfig) -> None:
     """Every check that needs no data and no Ray: cheap enough to run on each point of a sweep's grid."""
     from densemod.denselora.config import check_choice
 
-    from .data import check_fraction
+    from ..data.loading import check_fraction
     from .models import check_model_name
 
     check_model_name(config.model)
@@ -165,7 +165,7 @@ def run_trial(
 
     from .inputs import eval_set
     from .rendezvous import BoundTorchConfig
-    from .train import train_loop
+    from .loop import train_loop
 
     started, started_at = time.perf_counter(), time.time()
     data, examples = prepare(config, data)
@@ -182,7 +182,8 @@ def run_trial(
                 "train": data.train if isinstance(data.train, ray.ObjectRef) else ray.put(data.train),
                 "train_indices": examples,
                 "eval_sets": ray.put([eval_set(config, name, rows) for name, rows in data.eval_sets]),
-                "validation": ray.put((data.val_sets, data.val_answers)),
+                "val_sets": ray.put(data.val_sets),
+                "val_answers": ray.put(data.val_answers),
                 "started_at": started_at,
             },
             scaling_config=ray.train.ScalingConfig(
@@ -277,6 +278,3 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

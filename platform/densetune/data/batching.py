@@ -11,6 +11,8 @@ micro-batches are then dealt out to the workers in turn.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
@@ -46,7 +48,14 @@ def epoch_batches(
     return [list(micro_batches[start:start + per_step][rank::world]) for start in range(0, len(micro_batches), per_step)]
 
 
-def token_counts(lengths: np.ndarray, micro_batches: list[np.ndarray]) -> tuple[int, int]:
-    """(real tokens, token slots) of some micro-batches, each padded to its longest example."""
-    tokens = sum(int(lengths[batch].sum()) for batch in micro_batches)
-    return tokens, sum(len(batch) * int(lengths[batch].max()) for batch in micro_batches)
+class TokenCounts(NamedTuple):
+    tokens: int  # real tokens
+    slots: int  # token slots, padding included
+
+
+def token_counts(lengths: np.ndarray, micro_batches: list[np.ndarray]) -> TokenCounts:
+    """Real tokens and token slots of some micro-batches, each padded to its longest example."""
+    return TokenCounts(
+        tokens=sum(int(lengths[batch].sum()) for batch in micro_batches),
+        slots=sum(len(batch) * int(lengths[batch].max()) for batch in micro_batches),
+    )

@@ -20,7 +20,7 @@ from ray import tune
 from tqdm import tqdm
 
 from .callbacks import RestorableCallback
-from .config import DIVERGED, flat_params, settings_label
+from ..config import DIVERGED, flat_params, settings_label
 
 PLAIN_EVERY_S = 15.0  # how often a progress line is printed when the output is not a terminal
 ENDED = ("TERMINATED", "ERROR")  # Tune's statuses of a trial that will not run again

@@ -10,10 +10,10 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from .config import DEFAULT_METRIC, TEST_PREFIXES, field_type
+from ..config import DEFAULT_METRIC, TEST_PREFIXES, field_type
+from ..files import DEVICE_SECONDS
 from .stats import interval
 from .tables import markdown_table, percent_interval
-from .tracking import DEVICE_SECONDS
 
 # What a trial cost: the devices it reserved times its wall time, and the tokens it trained on.
 COST = (DEVICE_SECONDS, "tokens_seen")
@@ -22,7 +22,7 @@ VALIDATION = DEFAULT_METRIC  # the validation accuracy, averaged over the traini
 
 
 def summary_frame(trials: pd.DataFrame, space: dict[str, Any], columns: Sequence[str]) -> pd.DataFrame:
-    """`trials` (tracking.sweep_runs) as the table a user compares: the searched settings, `columns` (the study's,
+    """`trials` (store.sweep_runs) as the table a user compares: the searched settings, `columns` (the study's,
     e.g. trainable_params), the validation accuracy (what sweeps choose on), every test accuracy, the cost, and the
     status; sorted by the searched settings."""
     if trials.empty:

@@ -13,14 +13,21 @@ from typing import TYPE_CHECKING, Union
 
 import numpy as np
 
-from .answers import LABEL_FORMATS, answer_format
-from .config import TrialConfig
-from .data import (
-    SUITES, Benchmark, TokenizedRows, data_dirs, expand_suites, fraction_indices, load_benchmark, sample_indices,
-    sample_rows, tokenize_pairs,
+from ..data.answers import LABEL_FORMATS, answer_format
+from ..config import TrialConfig
+from ..data.loading import (
+    SUITES,
+    Benchmark,
+    data_dirs,
+    expand_suites,
+    fraction_indices,
+    load_benchmark,
+    sample_indices,
+    sample_rows,
 )
+from ..data.tokens import TokenizedRows, tokenize_pairs
 from .models import load_tokenizer
-from .protocols import text_question, training_pair
+from ..data.protocols import text_question, training_pair
 
 if TYPE_CHECKING:
     import ray
