@@ -13,7 +13,7 @@ from densetune.experiment import parser as study_parser
 from densetune.experiment import sweep_config
 from densetune.files import ROLE, SWEEP, TRIAL_ID
 from densetune.results.store import sweep_runs
-from densetune.sweep.record import SweepTracker, check_tracking_uri, store_uri
+from densetune.sweep.record import SweepTracker, TrackedSweep, check_tracking_uri, store_uri
 from densetune.trial.run import parse_args
 from densetune.trial.run import parser as trial_parser
 from test_experiments import ROOT, STUDIES, load
@@ -143,11 +143,11 @@ def default_store(tmp_path, monkeypatch) -> str:
     (tmp_path / "runs").mkdir()
     uri = f"sqlite:///{(tmp_path / 'runs').resolve() / 'mlflow.db'}"
     check_tracking_uri(uri)
-    first = SweepTracker(uri, "a_study", "first", TrialConfig.from_dict, [], {})
+    first = SweepTracker(TrackedSweep(uri, "a_study", "first", {}), TrialConfig.from_dict)
     run = first.client.create_run(first.experiment_id, tags={ROLE: "trial", SWEEP: "first", TRIAL_ID: "t0"})
     first.client.log_param(run.info.run_id, "rank", "4")
     first.parent_run_id()
-    SweepTracker(uri, "a_study", "empty", TrialConfig.from_dict, [], {}).parent_run_id()
+    SweepTracker(TrackedSweep(uri, "a_study", "empty", {}), TrialConfig.from_dict).parent_run_id()
     return uri
 
 

@@ -22,10 +22,11 @@ def make_sweep(uri: str) -> None:
 
     from densetune.config import TrialConfig
     from densetune.files import ROLE, SWEEP
-    from densetune.sweep.record import SweepTracker, check_tracking_uri
+    from densetune.sweep.record import SweepTracker, TrackedSweep, check_tracking_uri
 
     check_tracking_uri(uri)
-    tracker = SweepTracker(uri, "a_study", "looked_at", TrialConfig.from_dict, ["rank"], {"search": "grid"})
+    sweep = TrackedSweep(uri, "a_study", "looked_at", {"search": "grid"}, ["rank"])
+    tracker = SweepTracker(sweep, TrialConfig.from_dict)
     parent = tracker.parent_run_id()
     client = MlflowClient(uri)
     for rank, loss in ((4, 2.5), (8, 2.25)):

@@ -114,12 +114,12 @@ def test_the_runs_a_dead_driver_left_running_can_be_listed_and_closed(tmp_path, 
     from densetune.config import TrialConfig
     from densetune.files import ROLE, SWEEP
     from densetune.results.store import main
-    from densetune.sweep.record import SweepTracker
+    from densetune.sweep.record import SweepTracker, TrackedSweep
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     check_tracking_uri(uri)
     # what a driver killed mid-sweep leaves behind: the sweep's run and a trial's run, both RUNNING
-    tracker = SweepTracker(uri, "a_study", "stale", TrialConfig.from_dict, [], {})
+    tracker = SweepTracker(TrackedSweep(uri, "a_study", "stale", {}), TrialConfig.from_dict)
     client = MlflowClient(uri)
     client.create_run(tracker.experiment_id, run_name="t0 rank=4", tags={ROLE: "trial", SWEEP: "stale"})
     tracker.parent_run_id()

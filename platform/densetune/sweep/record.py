@@ -209,6 +209,23 @@ def config_params(config: TrialConfig, gpu: bool) -> dict[str, str]:
     return {k: ",".join(map(str, v)) if isinstance(v, list) else str(v) for k, v in values.items() if v is not None}
 
 
+@dataclasses.dataclass(frozen=True)
+class TrackedSweep:
+    """What the tracker records a sweep as: its store, study and name, the parent run's params, and how its trials are
+    named and ranked."""
+
+    uri: str
+    study: str
+    name: str
+    params: dict[str, str]  # the sweep's run's params (tune.sweep_params)
+    searched: Sequence[str] = ()  # the settings that name a trial's run
+    artifact_root: Optional[str] = None
+    gpu: bool = False  # whether the trials train on GPUs
+    # the (metric, mode) pairs by which the sweep's run names its best trial (selection.best)
+    objectives: Sequence[tuple[str, str]] = ((DEFAULT_METRIC, "max"),)
+    parent_run_id: Optional[str] = None  # a run the sweep's own nests under (--tune's study run)
+
+
 class SweepTracker(RestorableCallback):
     """A Tune callback on the sweep's driver that mirrors every trial into MLflow.
 
@@ -216,17 +233,12 @@ class SweepTracker(RestorableCallback):
     continues the same parent and child runs.
     """
 
-    def __init__(
-        self, uri: str, study: str, sweep: str, to_config: Callable[[dict], TrialConfig], searched: Sequence[str],
-        sweep_params: dict[str, str], artifact_root: Optional[str] = None, gpu: bool = False,
-        objectives: Sequence[tuple[str, str]] = ((DEFAULT_METRIC, "max"),), parent_run_id: Optional[str] = None,
-    ):
-        """`searched`: the settings that name a trial's run; `gpu`: whether the trials train on GPUs; `objectives`:
-        the (metric, mode) pairs by which the sweep's run names its best trial (selection.best); `parent_run_id`: a
-        run the sweep's own nests under (--tune's study run)."""
-        self.uri, self.study, self.sweep, self.to_config = uri, study, sweep, to_config
-        self.searched, self.sweep_params, self.artifact_root = list(searched), sweep_params, artifact_root
-        self.gpu, self.objectives, self.parent_run = gpu, list(objectives), parent_run_id
+    def __init__(self, sweep: TrackedSweep, to_config: Callable[[dict], TrialConfig]):
+        """`to_config`: a trial's Tune parameters as its TrialConfig."""
+        # Plain attributes, as before TrackedSweep: a sweep saved by an earlier version restores with them.
+        self.uri, self.study, self.sweep, self.to_config = sweep.uri, sweep.study, sweep.name, to_config
+        self.searched, self.sweep_params, self.artifact_root = list(sweep.searched), sweep.params, sweep.artifact_root
+        self.gpu, self.objectives, self.parent_run = sweep.gpu, list(sweep.objectives), sweep.parent_run_id
         self._reset()
 
     def _reset(self) -> None:

@@ -302,7 +302,7 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
     # has ended, its result is read back through the results stage (the one import against the flow: test_layout).
     from ..results.store import sweep_runs
     from ..results.summary import summary_frame, write_files
-    from .record import SweepTracker, artifact_root, check_tracking_uri, store_uri
+    from .record import SweepTracker, TrackedSweep, artifact_root, check_tracking_uri, store_uri
 
     check_sweep(sweep)
     name = sweep.name or f"{sweep.study}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -343,10 +343,10 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
         trainable = tune.with_resources(
             tune.with_parameters(sweep_trial, data=shared, worst=worst_values(sweep)), DRIVER_RESOURCES
         )
-        tracker = SweepTracker(
-            uri, sweep.study, name, trial_config, list(sweep.space), sweep_params(sweep, folder), artifact_root(uri),
-            gpu=gpu, objectives=objectives(sweep), parent_run_id=sweep.parent_run_id,
-        )
+        tracker = SweepTracker(TrackedSweep(
+            uri, sweep.study, name, sweep_params(sweep, folder), list(sweep.space), artifact_root(uri), gpu=gpu,
+            objectives=objectives(sweep), parent_run_id=sweep.parent_run_id,
+        ), trial_config)
         if sweep.resume:
             tuner = tune.Tuner.restore(folder, trainable, resume_unfinished=True, resume_errored=True)
         else:
