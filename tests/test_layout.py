@@ -9,7 +9,7 @@ import densetune
 PACKAGE = Path(densetune.__file__).parent
 STAGES = ("data", "trial", "sweep", "results")
 BASE = ("config", "files", "storage", "cluster")  # used by every stage; they import no stage
-ON_TOP = ("experiment", "tuning", "report")  # the studies' command lines: they may import every stage
+ON_TOP = ("experiment", "tuning", "report", "evaluate", "export")  # the studies' command lines: they may import every stage
 # The one import against the flow, kept so that run_sweep's result stays what it was: the trials it recorded and their
 # summary table, read back through the results stage once the sweep has ended (inside run_sweep, never by a trial).
 READS_BACK = {("sweep/tune.py", "results")}

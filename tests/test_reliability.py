@@ -139,6 +139,45 @@ def test_the_runs_a_dead_driver_left_running_can_be_listed_and_closed(tmp_path, 
     assert capsys.readouterr().err.strip() == f"error: no sweep named 'stael' in {uri}; the sweeps there: stale"
 
 
+def test_the_sweep_commands_take_their_options_before_or_after_the_command(tmp_path, monkeypatch, capsys):
+    from densetune.config import TrialConfig
+    from densetune.results.store import main
+    from densetune.sweep.record import SweepTracker, TrackedSweep
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # where the default store (./runs) would be: a command that fell back to it lists none
+    store = tmp_path / "store"
+    store.mkdir()
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    check_tracking_uri(uri)
+    for name in ("first", "second"):  # two sweeps' runs, still RUNNING as a dead driver leaves them
+        SweepTracker(TrackedSweep(uri, f"study_{name}", name, {}), TrialConfig.from_dict).parent_run_id()
+
+    def listed(*argv: str) -> list[str]:
+        assert main(list(argv)) == 0
+        return capsys.readouterr().out.splitlines()
+
+    before = listed("--tracking-uri", uri, "list")
+    assert sorted(line.split()[:3] for line in before[1:]) == [["first", "study_first", "RUNNING"],
+                                                               ["second", "study_second", "RUNNING"]]
+    assert listed("list", "--tracking-uri", uri) == before
+    assert listed("list", "--tracking-uri=" + uri) == before
+    # --storage-path finds the embedded store in the folder, on either side
+    assert listed("--storage-path", str(store), "list") == before
+    assert listed("list", "--storage-path", str(store)) == before
+    # an option given before the command is not reset by the command's own copy of the options
+    assert listed("--storage-path", str(store), "list", "--tracking-uri", uri) == before
+    assert listed("--tracking-uri", uri, "list", "--storage-path", str(tmp_path / "elsewhere")) == before
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "elsewhere").exists()
+
+    assert main(["close", "first", "--tracking-uri", uri]) == 0
+    assert capsys.readouterr().out.splitlines() == ["sweep first: closed 1 run(s) left RUNNING", "  first"]
+    assert main(["--tracking-uri", uri, "close", "second"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["sweep second: closed 1 run(s) left RUNNING", "  second"]
+    assert main(["close", "--tracking-uri", uri, "third"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: no sweep named 'third' in {uri}; the sweeps there: first, second"
+
+
 def test_two_studies_started_together_on_one_new_store_both_succeed(tmp_path):
     # Each on a Ray of its own, both creating and then writing one new sqlite store at once.
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}

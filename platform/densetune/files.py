@@ -7,9 +7,14 @@ and a reader need not import Ray.
 ADAPTER, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # as PEFT's save_pretrained names them
 # The last checkpoint's record of the run: the test split's predictions, rank 0's summary, the adapter's snapshots.
 PREDICTIONS, SUMMARY, SNAPSHOTS = "predictions.json", "summary.json", "snapshots.safetensors"
+# Every checkpoint's copy of the trial's settings (TrialConfig as JSON), also logged with its MLflow run: what trained
+# the adapter beside it, read by densetune.evaluate and densetune.export.
+TRIAL_CONFIG = "config.json"
 
 # The tags of a sweep's MLflow runs: a run's role (sweep or trial), its sweep and study, a trial's Ray trial id.
 ROLE, SWEEP, STUDY, TRIAL_ID = "densetune.role", "sweep", "study", "ray.trial_id"
+# densetune.evaluate --log: a run of role "evaluation", a child of the trial run it evaluated (named in EVALUATED_RUN)
+EVALUATION_ROLE, EVALUATED_RUN = "evaluation", "densetune.evaluated_run"
 # --tune's study run, the parent of its phases' sweep runs, and its tuning table (densetune.tuning writes them)
 TUNED_ROLE, TUNING_TABLE = "tuned", "tuning.csv"
 # Logged when a trial ends: its wall time, and what it cost, the devices it reserved times that time.

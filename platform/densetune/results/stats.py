@@ -27,6 +27,19 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[fl
     return mean, float(quantile * data.std(ddof=1) / math.sqrt(data.size))
 
 
+def wilson_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval (low, high) of an accuracy of `correct` out of `n` questions: one evaluation's
+    uncertainty over the questions it drew. Unlike the normal approximation it stays within [0, 1] and does not shrink
+    to a point at 0 or n correct."""
+    if not 0 <= correct <= n or n == 0:
+        raise ValueError(f"wilson_interval needs 0 <= correct <= n and n > 0; got {correct} of {n}")
+    z = float(stats.norm.ppf((1 + confidence) / 2))
+    share = correct / n
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 @dataclass(frozen=True)
 class McNemar:
     """Paired correctness of two evaluations of the same questions: how many each got right alone, and the p-value."""

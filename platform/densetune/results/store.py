@@ -332,22 +332,37 @@ def metric_histories(client: MlflowClient, run_ids: Sequence[str], metrics: Sequ
 
 # The CLI
 
+STORAGE_PATH = "runs"  # --storage-path's default
+
+
+def store_options(defaults: bool) -> argparse.ArgumentParser:
+    """The options every command takes, for `parents=`: on the top parser with their defaults, and on each command's
+    parser without (argparse.SUPPRESS), so that one given before the command is not reset by the command's parser and
+    one given after it means the same."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument(
+        "--tracking-uri", default=None if defaults else argparse.SUPPRESS,
+        help="the MLflow store (default: $MLFLOW_TRACKING_URI, else the embedded store of --storage-path, as the "
+        "studies use)",
+    )
+    options.add_argument(
+        "--storage-path", default=STORAGE_PATH if defaults else argparse.SUPPRESS, help=f"(default: {STORAGE_PATH})",
+    )
+    return options
+
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """python -m densetune.sweep list | close NAME"""
+    """python -m densetune.sweep [options] list | close NAME [options]"""
     parser = argparse.ArgumentParser(
         prog="python -m densetune.sweep", description="The sweeps in a tracking store, and closing one whose driver died.",
+        parents=[store_options(defaults=True)],
     )
-    parser.add_argument(
-        "--tracking-uri", help="the MLflow store (default: $MLFLOW_TRACKING_URI, else the embedded store of "
-        "--storage-path, as the studies use)",
-    )
-    parser.add_argument("--storage-path", default="runs", help="(default: %(default)s)")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", help="every sweep: its study, status, start and its trials by status")
+    after = store_options(defaults=False)  # the same options after the command
+    commands.add_parser("list", help="every sweep: its study, status, start and its trials by status", parents=[after])
     close = commands.add_parser(
         "close", help="end as KILLED every run of a sweep still RUNNING; for a sweep whose driver is gone (to go on "
-        "with it instead, run its study again with --resume)",
+        "with it instead, run its study again with --resume)", parents=[after],
     )
     close.add_argument("name")
     args = parser.parse_args(argv)

@@ -51,7 +51,7 @@ from ..config import (
 )
 from ..files import (
     ADAPTER, ADAPTER_CONFIG, DEVICE_SECONDS, FACTS, PREDICTIONS, ROLE, SNAPSHOTS, STUDY, SUMMARY, SWEEP, TRIAL_ID,
-    WALL_TIME,
+    TRIAL_CONFIG, WALL_TIME,
 )
 from .selection import Candidate, best
 from ..storage import is_remote
@@ -458,8 +458,8 @@ class SweepTracker(RestorableCallback):
     ) -> None:
         """The trial's config, and with `adapter` from its last checkpoint the adapter, predictions and summary."""
         with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
-            self.client.log_artifact(run_id, str(Path(tmp) / "config.json"))
+            (Path(tmp) / TRIAL_CONFIG).write_text(json.dumps(dataclasses.asdict(config), indent=1))
+            self.client.log_artifact(run_id, str(Path(tmp) / TRIAL_CONFIG))
         path = self._checkpoints.get(trial.trial_id)
         if path is None or not adapter:
             return

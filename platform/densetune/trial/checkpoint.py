@@ -18,7 +18,7 @@ import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from ..files import ADAPTER
+from ..files import ADAPTER, ADAPTER_CONFIG
 
 
 @dataclass
@@ -29,8 +29,13 @@ class Position:
     tokens: int = 0  # real (not padding) tokens trained on so far, over all workers
 
 
-def save_adapter(model: PeftModel, folder: Path) -> None:
+def save_adapter(model: PeftModel, folder: Path, base_model: str) -> None:
+    """The adapter as PEFT saves it, its config naming the base model as the trial did (a built-in's name, a folder, a
+    Hub id). Named after saving: PEFT would look a Hub-like name up on the Hub as it saves, and writes the folder the
+    weights came from (none for a built-in)."""
     model.save_pretrained(folder, safe_serialization=True)
+    path = folder / ADAPTER_CONFIG
+    path.write_text(json.dumps({**json.loads(path.read_text()), "base_model_name_or_path": base_model}, indent=2))
 
 
 def load_adapter(model: PeftModel, folder: Path) -> None:

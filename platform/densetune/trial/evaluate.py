@@ -5,7 +5,7 @@ text scored by log-likelihood (lm-evaluation-harness: acc, and acc_norm by lengt
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -269,6 +269,21 @@ def accuracy(predictions: Sequence[Prediction], norm: bool = False) -> float:
     if norm and any(prediction.correct_norm is None for prediction in predictions):
         raise ValueError("these predictions have no length-normalised picks: only the text protocol makes them")
     return sum(bool(p.correct_norm if norm else p.correct) for p in predictions) / len(predictions)
+
+
+def benchmark_metrics(found: Mapping[str, Sequence[Prediction]], prefix: str = "") -> dict[str, float]:
+    """`prefix`accuracy/<benchmark> for each benchmark's predictions, accuracy_norm/<benchmark> too where they have
+    length-normalised picks (text protocol), and each family's average over the benchmarks: a trial's metrics."""
+    metrics: dict[str, float] = {}
+    for name, predictions in found.items():
+        metrics[f"{prefix}accuracy/{name}"] = accuracy(predictions)
+        if predictions and predictions[0].correct_norm is not None:
+            metrics[f"{prefix}accuracy_norm/{name}"] = accuracy(predictions, norm=True)
+    for kind in ("accuracy", "accuracy_norm"):
+        values = [v for k, v in metrics.items() if k.startswith(f"{prefix}{kind}/")]
+        if values:
+            metrics[f"{prefix}{kind}/average"] = sum(values) / len(values)
+    return metrics
 
 
 def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:

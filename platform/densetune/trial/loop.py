@@ -42,8 +42,8 @@ from . import precision as mixed
 from ..config import DIVERGED, VAL_PREFIX, TrialConfig
 from ..data.batching import TokenCounts, epoch_batches, token_counts
 from ..data.tokens import IGNORE_INDEX, collate
-from ..files import PREDICTIONS, SNAPSHOTS, SUMMARY
-from .evaluate import accuracy, answer_loss, evaluate, summed_token_loss
+from ..files import PREDICTIONS, SNAPSHOTS, SUMMARY, TRIAL_CONFIG
+from .evaluate import answer_loss, benchmark_metrics, evaluate, summed_token_loss
 from .increments import SnapshotRecorder, load_snapshots
 from .models import load_model, load_tokenizer
 from .rendezvous import require_cuda
@@ -398,21 +398,11 @@ class Scored(NamedTuple):
 def score(state: TrialState, sets: list[tuple[str, list[dict]]], prefix: str) -> Scored:
     """Accuracy per benchmark and their average (under the text protocol also accuracy_norm), named with `prefix`,
     and the predictions they were measured on."""
-    metrics: dict[str, float] = {}
-    predictions: list[Any] = []
-    for name, rows in sets:
-        found = answers(state, name, rows)
-        if found is None:
-            continue
-        metrics[f"{prefix}accuracy/{name}"] = accuracy(found)
-        if state.cfg.protocol == "text":
-            metrics[f"{prefix}accuracy_norm/{name}"] = accuracy(found, norm=True)
-        predictions.extend(found)
-    for kind in ("accuracy", "accuracy_norm"):
-        values = [v for k, v in metrics.items() if k.startswith(f"{prefix}{kind}/")]
-        if values:
-            metrics[f"{prefix}{kind}/average"] = sum(values) / len(values)
-    return Scored(metrics=metrics, predictions=predictions)
+    found = {name: answers(state, name, rows) for name, rows in sets}
+    found = {name: predictions for name, predictions in found.items() if predictions is not None}
+    return Scored(
+        metrics=benchmark_metrics(found, prefix), predictions=[p for predictions in found.values() for p in predictions]
+    )
 
 
 def answers(state: TrialState, name: str, rows: list[dict]) -> Optional[list[Any]]:
@@ -449,7 +439,8 @@ def report_to_ray(state: TrialState, metrics: dict[str, Any], checkpoint: bool) 
         folder = Path(tmp)
         ckpt.save_rng(folder, state.rank)
         if state.rank == 0:
-            ckpt.save_adapter(state.model, folder)
+            ckpt.save_adapter(state.model, folder, state.cfg.model)
+            (folder / TRIAL_CONFIG).write_text(state.cfg.to_json())
             ckpt.save_optimizer(state.optimization, folder)
             ckpt.save_position(state.position, folder)
             if state.position.step == state.total_steps:
