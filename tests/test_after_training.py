@@ -3,6 +3,7 @@ plain PEFT folder or a merged model (densetune.export). One sweep of two tiny-ll
 
 import json
 import math
+from collections import Counter
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,8 @@ def test_the_table_reads_the_answers_and_log_nests_the_run_under_its_trial(sweep
     right = sum(r["correct"] for r in answers)
     low, high = wilson_interval(right, QUESTIONS)
     assert f"{100 * right / QUESTIONS:.1f} ({100 * low:.1f}-{100 * high:.1f})" in printed
+    given = Counter(r["extracted"] for r in answers)
+    assert "  model " + ", ".join(f"{a} {n}" for a, n in sorted(given.items())) in printed.splitlines()
 
     client = MlflowClient(sweep.tracking_uri)
     logged = client.search_runs([run_experiment(client, run["run_id"])], f"tags.`{ROLE}` = 'evaluation'")

@@ -163,7 +163,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 def evaluate(args: argparse.Namespace, downloads: Path, started: float) -> int:
     from .cluster import check_placeable, own_ray, uses_gpu
     from .results.chosen import chosen_adapter
-    from .results.paired import printable, scores_table
+    from .results.paired import answers_given, printable, scores_table
     from .sweep.record import store_uri
     from .trial.scoring import adapter_files, score
 
@@ -199,6 +199,8 @@ def evaluate(args: argparse.Namespace, downloads: Path, started: float) -> int:
     table = scores_table(answers.adapted or answers.base, answers.base if answers.adapted else {})
     print()
     print(printable(table))
+    print()
+    print("\n".join(answers_given(answers.adapted or answers.base, answers.base if answers.adapted else {})))
     if args.output:
         write_results(Path(args.output), table, answers)
         print(f"\ntable and answers: {args.output}")

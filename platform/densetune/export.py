@@ -121,8 +121,8 @@ def card(adapter: SavedAdapter, model: str, merged: bool) -> str:
     lines += ["", "## Results", ""]
     if rows:
         lines += [
-            "Accuracy (%) at the end of training. The sweep chose on the validation set (held out from the training "
-            "rows); the test split was never chosen on.", "",
+            "Accuracy (%) at the end of training: on the validation set (held out from the training rows, what a "
+            "sweep chooses on) and on the test split (reported, never chosen on).", "",
             "| split | benchmark | metric | accuracy | questions |", "|---|---|---|---|---|", *rows,
         ]
     else:

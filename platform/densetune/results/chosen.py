@@ -20,7 +20,7 @@ from ..config import TrialConfig
 from ..files import ADAPTER, ADAPTER_CONFIG, PREDICTIONS, ROLE, SUMMARY, SWEEP, TRIAL_CONFIG, TRIAL_ID
 from ..sweep.record import best_run
 from ..sweep.record import store_uri
-from .store import store_options, sweep_records
+from .store import objectives, store_options, sweep_records
 
 CHECKPOINT = re.compile(r"checkpoint_(\d+)$")
 
@@ -78,14 +78,14 @@ def from_sweep(
     trials = [run for run in runs if run.data.tags.get(ROLE) == "trial"
               and run.info.experiment_id == parent.info.experiment_id]
     if trial is None:
-        objectives = list(zip(parent.data.params.get("metric", "").split(","), parent.data.params.get("mode", "").split(",")))
-        run = best_run(trials, objectives)
+        chosen_on = objectives(parent)
+        run = best_run(trials, chosen_on)
         if run is None:
             raise ValueError(
-                f"sweep {sweep!r} has no finished trial with a value of its objective {objectives[0][0]}: nothing to "
+                f"sweep {sweep!r} has no finished trial with a value of its objective {chosen_on[0][0]}: nothing to "
                 "choose; name a trial with --trial"
             )
-        how = f"chosen by the sweep on {', '.join(f'{m} ({mode})' for m, mode in objectives)}"
+        how = f"chosen by the sweep on {', '.join(f'{m} ({mode})' for m, mode in chosen_on)}"
     else:
         named = [run for run in trials if trial in (run.info.run_name, run.data.tags.get(TRIAL_ID))]
         if not named:

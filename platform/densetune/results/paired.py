@@ -4,6 +4,7 @@ difference with an exact McNemar test, Holm-adjusted across the table's rows (de
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
@@ -63,3 +64,18 @@ def printable(table: pd.DataFrame) -> str:
         shown["p (Holm)"] = [f"{p:.3g} ({q:.3g})" for p, q in zip(table["p"], table["p_holm"])]
         shown["verdict"] = table["verdict"]
     return shown.to_string(index=False)
+
+
+def answers_given(model: Answers, base: Answers = {}) -> list[str]:
+    """Per benchmark, how often each answer was given by the model (and the base model) and is right: a model that
+    learned the label prior moves towards the majority answer without telling the questions apart."""
+    lines = []
+    for name, predictions in model.items():
+        lines.append(f"{name} answers:")
+        sides = [("gold", [p.gold for p in predictions]), ("model", [str(p.extracted) for p in predictions])]
+        if name in base:
+            sides.append(("base", [str(p.extracted) for p in base[name]]))
+        for side, answers in sides:
+            counts = ", ".join(f"{answer} {n}" for answer, n in sorted(Counter(answers).items()))
+            lines.append(f"  {side:5s} {counts}")
+    return lines

@@ -161,9 +161,7 @@ class SweepRecord:
     @property
     def objectives(self) -> list[tuple[str, str]]:
         """(metric, mode) of each objective the sweep chose on, as its run recorded them."""
-        params = self.parent.data.params
-        metrics, modes = params.get("metric", DEFAULT_METRIC).split(","), params.get("mode", "max").split(",")
-        return list(zip(metrics, modes))
+        return objectives(self.parent)
 
     @property
     def validation(self) -> Optional[str]:
@@ -194,6 +192,13 @@ class SweepRecord:
         """The benchmarks, with the average last."""
         names = sorted({m.split("/", 1)[1] for m in self.metrics} - {AVERAGE})
         return [*names, AVERAGE]
+
+
+def objectives(sweep_run: Run) -> list[tuple[str, str]]:
+    """(metric, mode) of each objective a sweep chose on, as its run recorded them."""
+    params = sweep_run.data.params
+    metrics, modes = params.get("metric", DEFAULT_METRIC).split(","), params.get("mode", "max").split(",")
+    return list(zip(metrics, modes))
 
 
 def load_sweep(sweep: str, tracking_uri: str, study: Optional[str], downloads: Path) -> SweepRecord:
