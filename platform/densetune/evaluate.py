@@ -149,8 +149,11 @@ def write_results(folder: Path, table: Any, answers: Any) -> list[Path]:
 def main(argv: Optional[list[str]] = None) -> int:
     from .trial.run import as_a_command
 
+    from transformers.utils import logging as transformers_logging
+
     args = parser().parse_args(argv)
     as_a_command()
+    transformers_logging.disable_progress_bar()  # a bar for every model load
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as downloads:
         try:

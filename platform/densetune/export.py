@@ -15,15 +15,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
 
+import pandas as pd
+
 from .config import DENSELORA_METHODS, TrialConfig, flag, shown
 from .files import ADAPTER, ADAPTER_CONFIG
 from .results.chosen import SavedAdapter, chosen_adapter, source_options
+from .results.store import method_label
 from .results.tables import count, percent
 
 CARD = "README.md"
@@ -35,6 +39,8 @@ BUILTIN_BASES = {
     "tiny-llama": "the project's built-in tiny random LLaMA, for tests",
 }
 # Not part of what trained the adapter: where its files went, and how many workers shared the batch.
+ALWAYS_SHOWN = ("model", "method", "rank", "targets", "datasets")
+ACCURACY = re.compile(r"(val/)?(accuracy|accuracy_norm)/(.+)")  # a trial's accuracy metrics, validation or test
 NOT_SETTINGS = ("name", "storage_path", "num_workers", "cpus_per_worker", "gpus_per_worker", "use_gpu", "max_failures")
 
 
@@ -49,18 +55,27 @@ def parser() -> argparse.ArgumentParser:
 
 
 def trial_command(config: TrialConfig) -> str:
-    """The trial command that trains this adapter again: every setting that differs from the command's default."""
+    """The trial command that trains this adapter again: the model, method, rank, targets and data, then every other
+    setting that differs from the command's default."""
     default = TrialConfig()
     words = ["python -m densetune.trial"]
     for field in dataclasses.fields(TrialConfig):
         value = getattr(config, field.name)
-        if field.name in NOT_SETTINGS or value == getattr(default, field.name):
+        if field.name in NOT_SETTINGS or (field.name not in ALWAYS_SHOWN and value == getattr(default, field.name)):
             continue
         if isinstance(value, bool):
             words.append(flag(field.name) if value else "--no-" + flag(field.name)[2:])
         else:
             words.append(f"{flag(field.name)} {shown(field.name, value)}")
     return " \\\n    ".join(words)
+
+
+def settings(config: TrialConfig) -> list[str]:
+    """The settings as Markdown table rows: those that apply to its method."""
+    skipped = {*NOT_SETTINGS, *([] if config.method == "hybrid" else ["lora_targets"]),
+               *([] if config.method in DENSELORA_METHODS else ["variant", "share_scope"])}
+    return [f"| {f.name} | {shown(f.name, getattr(config, f.name))} |" for f in dataclasses.fields(TrialConfig)
+            if f.name not in skipped]
 
 
 def results(adapter: SavedAdapter) -> list[str]:
@@ -75,12 +90,11 @@ def results(adapter: SavedAdapter) -> list[str]:
             tested[record["benchmark"]] = tested.get(record["benchmark"], 0) + 1
     rows = []
     for name, value in sorted(metrics.items()):
-        split, _, rest = name.rpartition("accuracy")
-        if "/" not in rest or split not in ("", "val/") or name.startswith("base/"):
+        found = ACCURACY.fullmatch(name)
+        if found is None:
             continue
-        benchmark = rest.split("/", 1)[1]
-        family = "accuracy" + rest.split("/", 1)[0]
-        if split == "val/":
+        split, family, benchmark = found.groups()
+        if split:
             size = adapter.config.val_size if adapter.config else None
             questions = size * (len(adapter.config.datasets) if benchmark == "average" else 1) if size else None
         else:
@@ -93,8 +107,8 @@ def results(adapter: SavedAdapter) -> list[str]:
 def card(adapter: SavedAdapter, model: str, merged: bool) -> str:
     """The model card: what the folder holds, how it was trained and scored, how to load it."""
     config, summary = adapter.config, adapter.summary or {}
-    method = f"{config.method} ({config.variant})" if config and config.method in DENSELORA_METHODS else (
-        config.method if config else json.loads((adapter.folder / ADAPTER_CONFIG).read_text())["peft_type"].lower()
+    method = method_label(pd.Series(dataclasses.asdict(config))) if config else (
+        json.loads((adapter.folder / ADAPTER_CONFIG).read_text())["peft_type"].lower()
     )
     trainable = summary.get("trainable_params", adapter.metrics.get("trainable_params"))
     total = summary.get("total_params", adapter.metrics.get("total_params"))
@@ -107,9 +121,7 @@ def card(adapter: SavedAdapter, model: str, merged: bool) -> str:
         "## Method and settings", "",
     ]
     if config is not None:
-        lines += ["| setting | value |", "|---|---|"]
-        lines += [f"| {f.name} | {shown(f.name, getattr(config, f.name))} |" for f in dataclasses.fields(TrialConfig)
-                  if f.name not in NOT_SETTINGS]
+        lines += ["| setting | value |", "|---|---|", *settings(config)]
     else:
         lines.append("The trial's settings were not kept beside this adapter; its adapter_config.json has the method's.")
     lines += ["", "## Trainable parameters", ""]
