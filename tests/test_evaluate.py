@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from densetune.data.answers import FORMATS, LABEL_FORMATS, LOGLIK_PREFIX, answer_format, choices, extract, is_correct
-from densetune.trial.evaluate import Prediction, _candidate_scores, accuracy, evaluate, generate, loglik_pick
+from densetune.trial.evaluate import (
+    Prediction, _attention_mask, _candidate_scores, accuracy, evaluate, generate, loglik_pick,
+)
 from densetune.trial.models import tiny_llama
 from densetune.data.prompts import prompt
 
@@ -165,9 +167,10 @@ class Bigram(torch.nn.Module):
         self.table = torch.nn.Parameter(table, requires_grad=False)
         self.shapes = []
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0):
         self.shapes.append(tuple(input_ids.shape))
-        return SimpleNamespace(logits=self.table[input_ids])
+        logits = self.table[input_ids]
+        return SimpleNamespace(logits=logits if isinstance(logits_to_keep, int) else logits[:, logits_to_keep])
 
 
 def bigram(tokenizer, likely: list[str]) -> Bigram:
@@ -182,7 +185,7 @@ def bigram(tokenizer, likely: list[str]) -> Bigram:
 
 @pytest.mark.parametrize("digit", ["1", "3", "4"])
 def test_loglik_single_token_candidates_run_the_prompt_once(tokenizer, digit):
-    # answer1..answer4 differ only in their last byte: the shared prefix is run once and the last position read.
+    # answer1..answer4 differ only in their last byte: the shared prefix is run once and its last position read.
     model = bigram(tokenizer, [f"answer{digit}"[-2:]])  # only r -> digit is likely
     assert loglik_pick(model, tokenizer, [prompt(ARC_INSTRUCTION)], [ANSWERS]) == [ANSWERS.index(f"answer{digit}")]
     assert sum(shape[0] for shape in model.shapes) == 1
@@ -190,12 +193,14 @@ def test_loglik_single_token_candidates_run_the_prompt_once(tokenizer, digit):
 
 @pytest.mark.parametrize("likely, picks", [("false", [1, 0]), ("true", [0, 0])])
 def test_loglik_multi_token_candidates(tokenizer, likely, picks):
-    # true/false (and yes/no) differ from their first byte and in length: one sequence per candidate.
+    # true/false (and yes/no) differ from their first byte and in length: still one packed sequence per question.
     model = bigram(tokenizer, [" " + likely, " yes"])
     prompts = [prompt(BOOLQ_INSTRUCTION), prompt("Is it raining?", "Answer yes or no.")]
-    assert loglik_pick(model, tokenizer, prompts, [["true", "false"], ["yes", "no"]], batch_size=3) == picks
-    assert sum(shape[0] for shape in model.shapes) == 4
-    assert len(model.shapes) == 2  # batches of 3 and 1, right-padded to different lengths
+    assert loglik_pick(model, tokenizer, prompts, [["true", "false"], ["yes", "no"]], batch_size=5) == picks
+    assert model.shapes == [(2, 275)]  # both questions (275 and 261 packed tokens) fit in 5 x BATCH_TOKENS
+    model.shapes.clear()
+    loglik_pick(model, tokenizer, prompts, [["true", "false"], ["yes", "no"]], batch_size=1)
+    assert [shape[0] for shape in model.shapes] == [1, 1]  # each question longer than half of 1 x BATCH_TOKENS
 
 
 def test_loglik_mixes_both_paths_in_one_call(tokenizer):
@@ -224,14 +229,30 @@ def test_loglik_on_tiny_llama_matches_direct_scores_for_any_batching(llama, toke
     candidates = [ANSWERS, ["true", "false"], ["solution1", "solution2"], ["option1", "option2"]]
     expected = [[direct_score(llama, tokenizer, p, c, one) for one in c] for p, c in zip(prompts, candidates)]
     picks = [max(range(len(row)), key=row.__getitem__) for row in expected]
+    questions = [[(p + LOGLIK_PREFIX, one) for one in c] for p, c in zip(prompts, candidates)]
     for batch_size in (1, 3, 16):
-        for shortcut in (True, False):
-            scores = _candidate_scores(
-                llama, tokenizer, [p + LOGLIK_PREFIX for p in prompts], candidates, batch_size=batch_size, single_token_shortcut=shortcut
-            )
-            assert [len(row) for row in scores] == [len(row) for row in expected]
-            assert flat(scores) == pytest.approx(flat(expected), abs=1e-4)
+        scores = _candidate_scores(llama, tokenizer, questions, batch_size=batch_size)
+        assert [len(row) for row in scores] == [len(row) for row in expected]
+        assert flat(scores) == pytest.approx(flat(expected), abs=1e-4)
         assert loglik_pick(llama, tokenizer, prompts, candidates, batch_size=batch_size) == picks
+
+
+def test_packed_scores_under_eager_attention_equal_sdpa(tokenizer):
+    # SDPA takes the packed questions' mask as booleans, eager attention as an additive float mask.
+    prompts, candidates = [prompt(ARC_INSTRUCTION), prompt("Pick one.", "short")], [ANSWERS, ["yes", "no", "maybe"]]
+    questions = [[(p + LOGLIK_PREFIX, one) for one in c] for p, c in zip(prompts, candidates)]
+    sdpa, eager = tiny_llama().eval(), tiny_llama().eval()
+    eager.set_attn_implementation("eager")
+    expected = [[direct_score(sdpa, tokenizer, p, c, one) for one in c] for p, c in zip(prompts, candidates)]
+    for model in (sdpa, eager):
+        scores = _candidate_scores(model, tokenizer, questions, batch_size=16)
+        assert flat(scores) == pytest.approx(flat(expected), abs=1e-4)
+
+
+def test_attention_that_takes_no_4d_mask_is_refused():
+    model = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
+    with pytest.raises(ValueError, match="attention 'flash_attention_2' does not take; load the model with"):
+        _attention_mask(model, torch.zeros((1, 3), dtype=torch.long))
 
 
 def test_inference_state_is_restored(llama, tokenizer):

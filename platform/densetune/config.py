@@ -163,7 +163,10 @@ class TrialConfig:
     eval_limit: Optional[int] = setting(
         None, "a fixed subset of this many questions per benchmark, the same for every seed", unset="every question"
     )
-    eval_batch_size: int = setting(8, "questions per evaluation batch")
+    eval_batch_size: int = setting(
+        8, "prompts per generation batch and rows per validation-loss batch; a log-likelihood batch holds up to "
+        "eval_batch_size x 128 tokens, padding included (each question's options packed after its context)",
+    )
     eval_sharded: bool = setting(False, "evaluate on every worker's share instead of on rank 0 alone")
     max_new_tokens: int = setting(32, "the most tokens generated per answer, under eval_mode generate")
     snapshot_every: Optional[int] = setting(

@@ -45,7 +45,9 @@ _LABEL_STATED_RE = {
 _LETTER_STATED_RE = re.compile(r"(?i:answer)(?:\s+is|\s*:)\s*\(?(?:([A-E])\b|([a-e])\b(?!\s+[a-z]))")
 _LETTER_PARENTHESIZED_RE = re.compile(r"\(([A-Ea-e])\)")
 _LETTER_WORD_RE = re.compile(r"\b([A-E])\b")
-_ANSWER_FORMAT_LINE_RE = re.compile(r"^\s*answer format:\s*(.+?)\s*$", re.I | re.M)
+# "Answer format: answer1/answer2/answer3": wherever it stands, on its own line (most LLM-Adapters files) or after
+# the last option on the same line (WinoGrande's "Option1: Sarah Option2: Maria Answer format: option1/option2").
+ANSWER_FORMAT_RE = re.compile(r"\banswer format:[ \t]*(\w+(?:[ \t]*/[ \t]*\w+)*)", re.I)
 
 
 def answer_format(name: str, answers: Iterable[str]) -> str:
@@ -135,9 +137,9 @@ def choices(fmt: str, instruction: str) -> list[str]:
         if fmt in FORMATS:
             raise ValueError(f"format {fmt!r} has no fixed candidate answers; only {', '.join(LABEL_FORMATS)} do")
         raise _unknown_format(fmt)
-    lines = _ANSWER_FORMAT_LINE_RE.findall(instruction)
-    if lines:
-        return [label.strip().lower() for label in lines[-1].split("/") if label.strip()]
+    stated = ANSWER_FORMAT_RE.findall(instruction)
+    if stated:
+        return [label.strip().lower() for label in stated[-1].split("/") if label.strip()]
     return list(DEFAULT_CHOICES[fmt])
 
 

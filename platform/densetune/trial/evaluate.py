@@ -1,6 +1,7 @@
 """Running a model on a benchmark's questions: greedy generation with the answer read from the response
 (LLM-Adapters), the candidate labels scored by log-likelihood (faster), or, under the text protocol, each option's
-text scored by log-likelihood (lm-evaluation-harness: acc, and acc_norm by length).
+text scored by log-likelihood (lm-evaluation-harness: acc, and acc_norm by length). Log-likelihood scoring runs each
+question once: its context once, each option after it in the same sequence, seeing the context and itself only.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ..data.answers import LABEL_FORMATS, LOGLIK_PREFIX, answer_format, choices,
 from ..config import PROTOCOLS
 from ..data.tokens import IGNORE_INDEX, TokenizedRows, collate
 from ..data.prompts import prompt
-from ..data.protocols import text_question
+from ..data.protocols import TARGET_DELIMITER, text_question
 
 
 @contextmanager
@@ -68,16 +69,26 @@ def generate(
     return outputs
 
 
-@dataclass(frozen=True)
-class _Sequence:
-    """One forward pass's worth of tokens and the log-probs to read from it.
+# A log-likelihood batch holds at most batch_size × BATCH_TOKENS tokens, padding included (a longer question runs
+# alone): eval_batch_size is prompts per batch for generation and, for scoring, questions of up to BATCH_TOKENS
+# packed tokens each; shorter questions fill the batch with more of them. (config.py's eval_batch_size says 128.)
+BATCH_TOKENS = 128
 
-    Each target (prompt, candidate, position, token) adds log p(token | tokens[:position + 1]) to that
-    candidate's score.
+
+@dataclass(frozen=True)
+class _Packed:
+    """One question's options in one sequence: the tokens they all share, then each option's own tokens.
+
+    An option's own tokens see the shared tokens and themselves only, at the positions they would have after the shared
+    tokens alone, so each option is scored as if it were run by itself while the shared tokens run once. An option's
+    last token is only read, never read from, so it is left out. `targets[k]`: option k's (index in `tokens` whose
+    logits predict the token, token) pairs; option k's score is the sum of those log-probabilities.
     """
 
     tokens: list[int]
-    targets: list[tuple[int, int, int, int]]
+    branches: list[int]  # per token: 0 for the shared tokens, k + 1 for option k's own
+    positions: list[int]
+    targets: list[list[tuple[int, int]]]
 
 
 def _common_prefix_length(sequences: list[list[int]]) -> int:
@@ -89,83 +100,150 @@ def _common_prefix_length(sequences: list[list[int]]) -> int:
     return length
 
 
-def _candidate_sequences(
-    tokenizer, prompt_index: int, context: str, continuations: list[str], single_token_shortcut: bool,
-    from_context: bool,
-) -> list[_Sequence]:
-    tokenized = [tokenizer(context + continuation)["input_ids"] for continuation in continuations]
+def _pack(sequences: list[list[int]], starts: list[int]) -> _Packed:
+    """Option k is the token sequence `sequences[k]` (its context, then its continuation), scored from `starts[k]`
+    on."""
+    shared = _common_prefix_length(sequences)
+    tokens, branches, positions = list(sequences[0][:shared]), [0] * shared, list(range(shared))
+    targets = []
+    for k, (sequence, start) in enumerate(zip(sequences, starts)):
+        if start < 1:
+            raise ValueError("a continuation's first token needs a token before it to be scored")
+        offset = len(tokens) - shared  # sequence position t >= shared is at index offset + t of the packed tokens
+        own = sequence[shared:-1]
+        tokens += own
+        branches += [k + 1] * len(own)
+        positions += range(shared, shared + len(own))
+        reads = [t - 1 if t - 1 < shared else offset + t - 1 for t in range(start, len(sequence))]
+        targets.append(list(zip(reads, sequence[start:])))
+    return _Packed(tokens, branches, positions, targets)
+
+
+def _question(tokenizer, pairs: list[tuple[str, str]], from_context: bool) -> _Packed:
+    """One question's options, each a (context, continuation) pair, packed: under `from_context` every token of a
+    continuation is scored (lm-evaluation-harness; acc_norm divides the sum by the continuation's length; where a
+    context's last token merges with its continuation's first, the merged token counts), otherwise the tokens from
+    the first one where the options differ (enough to rank options that share their context, and cheaper)."""
+    sequences = [tokenizer(context + continuation)["input_ids"] for context, continuation in pairs]
     if from_context:
-        # Every token of a continuation counts, shared ones too (lm-evaluation-harness): acc_norm divides the sum by
-        # the continuation's length. Where the context's last token merges with a continuation's first, the merged
-        # token counts.
-        start = _common_prefix_length([tokenizer(context)["input_ids"], *tokenized])
+        starts = [
+            _common_prefix_length([tokenizer(context)["input_ids"], sequence])
+            for (context, _), sequence in zip(pairs, sequences)
+        ]
+        if len({context for context, _ in pairs}) == 1:
+            # One context: every option from where the first one leaves it, so all are scored over the same positions.
+            starts = [min(starts)] * len(starts)
     else:
-        start = _common_prefix_length(tokenized)
-    if start == 0:
-        raise ValueError(f"the candidates {continuations!r} share no tokens with their prompt, so none can be scored")
-    if single_token_shortcut and all(len(tokens) == start + 1 for tokens in tokenized):
-        # The candidates differ in their last token only: one pass over the shared prefix scores them all.
-        targets = [(prompt_index, k, start - 1, tokens[-1]) for k, tokens in enumerate(tokenized)]
-        return [_Sequence(tokenized[0][:start], targets)]
-    return [
-        _Sequence(tokens, [(prompt_index, k, t - 1, tokens[t]) for t in range(start, len(tokens))])
-        for k, tokens in enumerate(tokenized)
-    ]
+        starts = [_common_prefix_length(sequences)] * len(sequences)
+    if min(starts, default=0) == 0:
+        raise ValueError(f"the options {pairs!r} share no tokens with their prompt, so none can be scored")
+    return _pack(sequences, starts)
 
 
 def _candidate_scores(
     model,
     tokenizer,
-    contexts: list[str],
-    continuations: list[list[str]],
+    questions: list[list[tuple[str, str]]],
     batch_size: int = 8,
     progress: bool = False,
-    single_token_shortcut: bool = True,
     from_context: bool = False,
 ) -> list[list[float]]:
-    """Each continuation's log-likelihood after its context: summed over its own tokens (`from_context`), or over
-    the tokens where the continuations differ (enough to rank them, and cheaper)."""
-    if len(contexts) != len(continuations):
-        raise ValueError(f"got {len(contexts)} prompts but {len(continuations)} candidate lists")
-    sequences = [
-        sequence
-        for i, (context, options) in enumerate(zip(contexts, continuations))
-        for sequence in _candidate_sequences(tokenizer, i, context, options, single_token_shortcut, from_context)
-    ]
-    scores = [[0.0] * len(options) for options in continuations]
-    order = sorted(range(len(sequences)), key=lambda s: len(sequences[s].tokens), reverse=True)
+    """Each option's log-likelihood: the continuation's after the context, for each question's (context,
+    continuation) pairs (see `_question` for the tokens summed). Each question runs once, its shared tokens once."""
+    packed = [_question(tokenizer, pairs, from_context) for pairs in questions]
+    scores = [[0.0] * len(question.targets) for question in packed]
+    order = sorted(range(len(packed)), key=lambda i: len(packed[i].tokens), reverse=True)
     device = _device(model)
-    with _inference(model, tokenizer, "right"), tqdm(total=len(sequences), desc="loglik", disable=not progress) as bar:
-        for batch in _batches(order, batch_size):
-            _score_batch(model, [sequences[s] for s in batch], tokenizer.pad_token_id, device, scores)
+    with _inference(model, tokenizer, "right"), tqdm(total=len(packed), desc="loglik", disable=not progress) as bar:
+        for batch in _token_batches(order, [len(question.tokens) for question in packed], batch_size):
+            _score_batch(model, [packed[i] for i in batch], tokenizer.pad_token_id, device, [scores[i] for i in batch])
             bar.update(len(batch))
     return scores
 
 
+def _token_batches(order: list[int], lengths: list[int], batch_size: int) -> Iterator[list[int]]:
+    """`order` (longest first) cut into batches of at most batch_size × BATCH_TOKENS tokens once padded."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+    budget, batch = batch_size * BATCH_TOKENS, []
+    for i in order:
+        if batch and (len(batch) + 1) * lengths[batch[0]] > budget:
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+def _attention_mask(model, branches: torch.Tensor) -> torch.Tensor:
+    """The (batch, 1, length, length) mask of packed questions: a token sees the tokens before it in its own branch
+    and in the shared one; padding (branch -1) sees padding, so no row is empty. transformers passes a 4D mask to the
+    attention as it is: boolean for SDPA (the default), additive for eager attention."""
+    query, key = branches[:, :, None], branches[:, None, :]
+    causal = torch.ones(branches.shape[1], branches.shape[1], dtype=torch.bool, device=branches.device).tril()
+    visible = (causal & ((key == query) | (key == 0)))[:, None]
+    config = getattr(getattr(model, "module", model), "config", None)  # DDP keeps the model in .module
+    implementation = getattr(config, "_attn_implementation", None) or "sdpa"
+    if implementation == "sdpa":
+        return visible
+    if implementation == "eager":
+        dtype = next(model.parameters()).dtype
+        blocked = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+        return blocked.masked_fill(~visible, torch.finfo(dtype).min)
+    raise ValueError(
+        f"log-likelihood scoring packs each question's options behind one 4D attention mask, which attention "
+        f"{implementation!r} does not take; load the model with attn_implementation 'sdpa' or 'eager'"
+    )
+
+
 def _score_batch(
-    model, sequences: list[_Sequence], pad_token_id: int, device: torch.device, scores: list[list[float]]
+    model, questions: list[_Packed], pad_token_id: int, device: torch.device, scores: list[list[float]]
 ) -> None:
-    # Right padding: a causal model's real positions never see the pads after them, so no position shifts.
-    width = max(len(sequence.tokens) for sequence in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        input_ids[row, :len(sequence.tokens)] = torch.tensor(sequence.tokens)
-        attention_mask[row, :len(sequence.tokens)] = 1
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-    targets = [(row, *target) for row, sequence in enumerate(sequences) for target in sequence.targets]
-    # Columns: batch row, prompt, candidate, position, token; reshape keeps the shape when nothing is read.
-    table = torch.tensor(targets, dtype=torch.long, device=logits.device).reshape(-1, 5)
-    rows, positions, tokens = table[:, 0], table[:, 3], table[:, 4]
-    # Normalize only the rows that are read: the full (batch, length, vocabulary) softmax can be large.
-    log_probs = torch.log_softmax(logits[rows, positions].float(), dim=-1)
+    # (row, index in the row, option, token) of every log-probability read
+    targets = [
+        (row, index, k, token)
+        for row, question in enumerate(questions)
+        for k, option in enumerate(question.targets)
+        for index, token in option
+    ]
+    if not targets:
+        return
+    width = max(len(question.tokens) for question in questions)
+    input_ids = torch.full((len(questions), width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(questions), width), dtype=torch.long)
+    branches = torch.full((len(questions), width), -1, dtype=torch.long)
+    for row, question in enumerate(questions):
+        input_ids[row, :len(question.tokens)] = torch.tensor(question.tokens)
+        position_ids[row, :len(question.tokens)] = torch.tensor(question.positions)
+        branches[row, :len(question.tokens)] = torch.tensor(question.branches)
+    # The language-model head runs on the columns read only, and the log-softmax on the (row, column) pairs read:
+    # the full (batch, length, vocabulary) logits can be large.
+    columns = sorted({index for _, index, _, _ in targets})
+    column_of = {index: c for c, index in enumerate(columns)}
+    logits = model(
+        input_ids=input_ids.to(device), attention_mask=_attention_mask(model, branches.to(device)),
+        position_ids=position_ids.to(device), logits_to_keep=torch.tensor(columns, device=device),
+    ).logits
+    rows = torch.tensor([row for row, _, _, _ in targets], device=logits.device)
+    read = torch.tensor([column_of[index] for _, index, _, _ in targets], device=logits.device)
+    tokens = torch.tensor([token for _, _, _, token in targets], device=logits.device)
+    log_probs = torch.log_softmax(logits[rows, read].float(), dim=-1)
     picked = log_probs.gather(1, tokens[:, None]).squeeze(1).tolist()
-    for (_, prompt_index, candidate, _, _), value in zip(targets, picked):
-        scores[prompt_index][candidate] += value
+    for (row, _, k, _), value in zip(targets, picked):
+        scores[row][k] += value
 
 
 def _argmax(values: Sequence[float]) -> int:
     return max(range(len(values)), key=values.__getitem__)
+
+
+def _own_length(option: str) -> int:
+    """The length in characters of an option's own text, without the delimiter (one space) that joins it to its
+    context: what lm-evaluation-harness divides acc_norm by (len() of the choice)."""
+    own = option.removeprefix(TARGET_DELIMITER)
+    if not own:
+        raise ValueError(f"option {option!r} has no text of its own to normalise by")
+    return len(own)
 
 
 def loglik_pick(
@@ -173,19 +251,27 @@ def loglik_pick(
 ) -> list[int]:
     """For each prompt, the index of its most likely candidate label as the response "the correct answer is
     <candidate>"; no generation."""
-    contexts = [prompt_text + LOGLIK_PREFIX for prompt_text in prompts]
-    return [_argmax(row) for row in _candidate_scores(model, tokenizer, contexts, candidates, batch_size, progress)]
+    if len(prompts) != len(candidates):
+        raise ValueError(f"got {len(prompts)} prompts but {len(candidates)} candidate lists")
+    questions = [
+        [(prompt_text + LOGLIK_PREFIX, candidate) for candidate in options]
+        for prompt_text, options in zip(prompts, candidates)
+    ]
+    return [_argmax(row) for row in _candidate_scores(model, tokenizer, questions, batch_size, progress)]
 
 
 def text_picks(
-    model, tokenizer, contexts: list[str], options: list[list[str]], batch_size: int = 8, progress: bool = False
+    model, tokenizer, questions: list[list[tuple[str, str]]], batch_size: int = 8, progress: bool = False
 ) -> list[tuple[int, int]]:
-    """For each context, (the option with the highest log-likelihood, the one with the highest log-likelihood per
-    byte of its text): lm-evaluation-harness's acc and acc_norm."""
-    scores = _candidate_scores(model, tokenizer, contexts, options, batch_size, progress, from_context=True)
+    """For each question, given as its options' (context, continuation) pairs: (the option whose continuation has the
+    highest log-likelihood, the one with the highest log-likelihood per character of the continuation's own text):
+    lm-evaluation-harness's acc and acc_norm. A continuation is scored with the space that joins it to its context
+    (" Paris" after "Answer:"), but acc_norm divides by the length of its own text ("Paris"), as lm-evaluation-harness
+    divides by the choice's length, not the delimiter's."""
+    scores = _candidate_scores(model, tokenizer, questions, batch_size, progress, from_context=True)
     return [
-        (_argmax(row), _argmax([score / len(text.encode()) for score, text in zip(row, texts)]))
-        for row, texts in zip(scores, options)
+        (_argmax(row), _argmax([score / _own_length(continuation) for score, (_, continuation) in zip(row, pairs)]))
+        for row, pairs in zip(scores, questions)
     ]
 
 
@@ -251,12 +337,18 @@ def evaluate(
 def _evaluate_text(
     model, tokenizer, name: str, rows: list[dict], indices: list[int], fmt: str, batch_size: int, progress: bool
 ) -> list[Prediction]:
-    questions = [text_question(rows[i], fmt) for i in indices]
-    picks = text_picks(model, tokenizer, [q.context for q in questions], [q.options for q in questions], batch_size, progress)
+    questions = []
+    for i in indices:
+        try:
+            questions.append(text_question(rows[i], fmt))
+        except ValueError as error:
+            raise ValueError(f"{name} row {i}: {error}") from None
+    pairs = [list(zip(question.contexts, question.continuations)) for question in questions]
+    picks = text_picks(model, tokenizer, pairs, batch_size, progress)
     predictions = []
     for i, question, (pick, pick_norm) in zip(indices, questions, picks):
         predictions.append(Prediction(
-            name, i, question.options[pick].strip(), question.labels[pick], str(rows[i]["answer"]), pick == question.gold,
+            name, i, question.texts[pick], question.labels[pick], str(rows[i]["answer"]), pick == question.gold,
             pick_norm == question.gold,
         ))
     return predictions
