@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from densetune.data.answers import LOGLIK_PREFIX, choices
 from densetune.data.loading import load_benchmark
