@@ -4,6 +4,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -160,25 +161,35 @@ def saved_as_finished(folder: Path) -> int:
     return sum(json.loads(state)["status"] == "TERMINATED" for state, _ in trials)
 
 
+def two_trial_study(storage: Path) -> list[str]:
+    """A smoke study of two trials, one after the other: the study the tests below interrupt and resume."""
+    return [
+        sys.executable, str(ROOT / "experiments" / "rank_sweep.py"), "--smoke", "--space", "rank=4,8",
+        "--max-concurrent", "1", "--name", "killed", "--storage-path", str(storage),
+    ]
+
+
+def wait_for_the_first_trial(driver: subprocess.Popen, storage: Path, saved: bool = True) -> None:
+    """Until the first trial of two_trial_study has finished in the store (polled once the store exists: earlier would
+    race its creation) and, with `saved`, in Tune's saved state, which --resume reads."""
+    uri = f"sqlite:///{storage / 'mlflow.db'}"
+    deadline = time.monotonic() + 300
+    while not (storage / "killed" / "densetune_sweep.json").exists() or not finished_trials(uri) \
+            or (saved and saved_as_finished(storage / "killed") < 1):
+        assert driver.poll() is None and time.monotonic() < deadline, "the first trial did not finish"
+        time.sleep(1)
+
+
 def test_a_sweep_resumes_after_its_driver_is_killed(tmp_path):
     """Kill the driver (and the local Ray it started) after the first trial, then --resume: the finished trial is
     not run again, the second runs, and the store ends with both runs FINISHED under one parent."""
-    command = [
-        sys.executable, str(ROOT / "experiments" / "rank_sweep.py"), "--smoke", "--space", "rank=4,8",
-        "--max-concurrent", "1", "--name", "killed", "--storage-path", str(tmp_path),
-    ]
+    command = two_trial_study(tmp_path)
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # Tune's own state, saved each second instead of each 10
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     driver = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 300
-        # The first trial finished in the store (polled once the store exists: earlier would race its creation), and in
-        # Tune's saved state, which --resume reads.
-        while not (tmp_path / "killed" / "densetune_sweep.json").exists() or not finished_trials(uri) \
-                or saved_as_finished(tmp_path / "killed") < 1:
-            assert driver.poll() is None and time.monotonic() < deadline, "the first trial did not finish"
-            time.sleep(1)
+        wait_for_the_first_trial(driver, tmp_path)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started: its whole session
         driver.wait()
@@ -206,6 +217,83 @@ def test_a_sweep_resumes_after_its_driver_is_killed(tmp_path):
     # each trial one history: the one cut short by the kill logs no step twice after it resumes
     for child in children:
         assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == [2, 4]
+
+
+def test_an_interrupted_study_says_what_finished_and_how_to_resume_it(tmp_path):
+    """SIGTERM once the first trial has finished: the study ends within seconds, its Ray gone and its runs closed, and
+    its last line says that it was interrupted, what finished, and the command that resumes it: the command that
+    test_a_sweep_resumes_after_its_driver_is_killed resumes the same study with."""
+    command = two_trial_study(tmp_path)
+    driver = subprocess.Popen(command, cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_the_first_trial(driver, tmp_path, saved=False)
+        driver.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        out, err = driver.communicate(timeout=60)
+        took = time.monotonic() - stopped
+        # every process of its session gone: the driver and the Ray it started
+        deadline = time.monotonic() + 30
+        while left_in_session(driver.pid):
+            assert time.monotonic() < deadline, f"left running: {left_in_session(driver.pid)}"
+            time.sleep(0.5)
+    finally:
+        if left_in_session(driver.pid):
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    assert took < 30
+    last = err.strip().splitlines()[-1]
+    said, _, resume = last.partition("; to resume it: ")
+    assert said == "interrupted: 1 of 2 trials of sweep killed finished", err[-3000:]
+    assert shlex.split(resume) == [*command, "--resume"]
+    assert " finished: val/accuracy/average " in out and "interrupted: " not in out  # the console's lines, then this
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.sweep = 'killed'")
+    statuses = sorted((r.data.tags["densetune.role"], r.info.status) for r in runs)
+    # the second trial's run, if it had started, closed as KILLED; none left RUNNING
+    assert statuses in ([("sweep", "KILLED"), ("trial", "FINISHED")],
+                        [("sweep", "KILLED"), ("trial", "FINISHED"), ("trial", "KILLED")])
+
+
+def left_in_session(session: int) -> list[str]:
+    """The processes still running in a session (the names of those that are not zombies)."""
+    import psutil
+
+    left = []
+    for process in psutil.process_iter(["pid", "name", "status"]):
+        try:
+            if os.getsid(process.pid) == session and process.info["status"] != psutil.STATUS_ZOMBIE:
+                left.append(process.info["name"])
+        except (ProcessLookupError, PermissionError):
+            pass
+    return left
+
+
+@pytest.mark.parametrize(
+    "argv, name, command",
+    [
+        (["--smoke"], "rank_sweep-20261207-101500", ["--smoke", "--name", "rank_sweep-20261207-101500", "--resume"]),
+        (["--smoke", "--name", "y"], "y", ["--smoke", "--name", "y", "--resume"]),
+        (["--name", "y", "--resume", "-v"], "y", ["--name", "y", "--resume", "-v"]),
+    ],
+)
+def test_the_resume_command_names_the_sweep_and_resumes_it(argv, name, command):
+    from densetune.experiment import resume_command
+
+    study = load(ROOT / "experiments" / "rank_sweep.py").STUDY
+    args = parser(study, "").parse_args(argv)
+    assert shlex.split(resume_command(argv, args, name)) == [sys.executable, sys.argv[0], *command]
+
+
+def test_an_interrupted_tuned_study_says_it_cannot_be_resumed():
+    from densetune.experiment import interrupted_line
+    from densetune.sweep.tune import SweepInterrupted
+
+    study = load(ROOT / "experiments" / "tuned_comparison.py").STUDY
+    args = parser(study, "").parse_args(["--smoke"])
+    line = interrupted_line(SweepInterrupted("t-tuning", "/runs/t-tuning", 3, 8), ["--smoke"], args)
+    assert line == ("interrupted: 3 of 8 trials of sweep t-tuning finished; a --tune study cannot be resumed yet: "
+                    "run it again with a new --name")
 
 
 def test_a_sweep_with_failed_trials_exits_1_and_names_their_error_files(tmp_path):

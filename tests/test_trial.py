@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import ray
@@ -137,6 +139,84 @@ def test_command_line_trial_prints_a_summary(local_ray, tmp_path, capsys):
     assert final["step"] == 2 and f"accuracy/synthetic: {final['accuracy/synthetic']:.4f}" in out
     assert f"checkpoint (adapter, predictions.json): {checkpoint}" in out
     assert "first optimizer step after: " in out and "wall time: " in out
+
+
+# A command-line trial on the tiny model: every evaluation before and after training, a few steps.
+CLI_TRIAL = [
+    "--model", "tiny-llama", "--method", "lora", "--rank", "4", "--targets", "q,v", "--max-steps", "4",
+    "--batch-size", "4", "--micro-batch-size", "4", "--eval-mode", "loglik", "--eval-limit", "16", "--eval-at-start",
+    "--val-size", "16", "--report-every", "1", "--cutoff-len", "512",
+]
+# What Ray prints of a trial (the workers' lines it forwards, its report of each result) and the evaluations' bars
+RAYS_OUTPUT = ("(RayTrainWorker pid=", "Reporting training result", "loglik: ")
+
+
+def test_the_command_line_trial_shows_a_progress_line_and_keeps_rays_output_in_its_log(tmp_path):
+    # in a process of its own, with its own Ray, as a user runs it
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-m", "densetune.trial", *CLI_TRIAL, "--storage-path", str(tmp_path), "--name", "quiet"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    lines = done.stdout.splitlines()
+    folder, log = tmp_path / "quiet", tmp_path / "quiet" / "trial.log"
+    # what it runs, where Ray's output is, progress lines, then the result and the checkpoint
+    assert len(lines) < 40, done.stdout
+    assert lines[0] == ("trial quiet: method=lora rank=4 targets=q,v on tiny-llama, trained on synthetic for 4 steps, "
+                        "1 worker(s) of 1 CPU")
+    assert lines[1] == f"  Ray's output: {log} (-v shows it here)"
+    assert lines[2].startswith("starting · 0:0") and lines[2].endswith(" elapsed")
+    assert any(line.startswith("step 4/4 · loss ") for line in lines)
+    assert f"trial: {folder}" in lines and any(line.startswith("trainable params: 1,792 of ") for line in lines)
+    assert any(line.startswith("accuracy/synthetic: ") for line in lines)
+    assert lines[-3] == f"checkpoint (adapter, predictions.json): {folder / 'checkpoint_000004'}"
+    assert not [line for line in lines if any(shown in line for shown in RAYS_OUTPUT)]
+    # Ray's output is in the log: its banner, the workers' lines, the bars
+    logged = log.read_text()
+    assert "Started a local Ray instance" in logged and all(shown in logged for shown in RAYS_OUTPUT)
+
+
+def test_the_command_line_trial_shows_rays_output_with_v(local_ray, tmp_path, capfd):
+    assert main([*CLI_TRIAL, "--storage-path", str(tmp_path), "--name", "verbose", "-v"]) == 0
+    out, err = capfd.readouterr()
+    assert all(shown in out + err for shown in RAYS_OUTPUT)
+    assert f"checkpoint (adapter, predictions.json): {tmp_path / 'verbose' / 'checkpoint_000004'}" in out
+    assert not (tmp_path / "verbose" / "trial.log").exists()
+
+
+def test_the_progress_line_reads_the_evaluations_bar_and_the_reported_steps(monkeypatch):
+    import io
+
+    from tqdm.auto import tqdm  # as evaluate.py draws its bars
+
+    from densetune.trial import progress
+
+    assert progress.live_bar() is None
+    hidden = tqdm(total=8, desc="loglik", disable=True)  # as on a rank that does not evaluate
+    assert progress.live_bar() is None
+    with tqdm(total=300, desc="generate", file=io.StringIO()) as bar:
+        bar.update(112)
+        assert progress.live_bar() == ("generate", 112, 300)
+    assert progress.live_bar() is None
+    hidden.close()
+
+    now = [100.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    line = progress.Progress().line
+    seen = progress.Progress()
+    assert line({}) == "starting · 0:00 elapsed"
+    assert line({"evaluating": ("generate", 8, 200)}) == "before training · evaluating: generate 8/200 · 0:00 elapsed"
+    now[0] = 162.0
+    assert seen.line({"step": 10, "total_steps": 60, "loss": 5.5, "reported_at": 1000.0}) == (
+        "step 10/60 · loss 5.5000 · 1:02 elapsed"
+    )
+    # 10 steps in 5 s: 40 more steps in 20 s
+    assert seen.line({"step": 20, "total_steps": 60, "loss": 5.25, "reported_at": 1005.0}) == (
+        "step 20/60 · loss 5.2500 · 1:02 elapsed · 0:20 to step 60"
+    )
+    assert seen.line({"step": 50, "total_steps": 60, "loss": 5.0, "reported_at": 1020.0,
+                      "evaluating": ("loglik", 3, None)}) == "step 50/60 · loss 5.0000 · evaluating: loglik 3/? · 1:02 elapsed"
 
 
 def write_rows(path, rows):

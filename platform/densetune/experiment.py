@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
 import sys
 import tempfile
 import typing
@@ -36,6 +37,9 @@ from .config import (
     shown,
 )
 from .storage import is_remote
+
+if typing.TYPE_CHECKING:
+    from .sweep.tune import SweepInterrupted
 
 
 # One trial on 2 CPU cores in about three minutes that shows learning (docs/RESULTS.md says why these): SmolLM2-135M
@@ -273,12 +277,13 @@ def seeds(args: argparse.Namespace, space: dict[str, Any], first: int) -> list[i
 
 
 def main(study: Study, description: str, argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser(study, description).parse_args(argv)
     # MLflow draws a progress bar for every artifact the report downloads
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from .results.report import write_report
     from .results.summary import to_text
-    from .sweep.tune import dry_run, run_sweep
+    from .sweep.tune import SweepInterrupted, dry_run, run_sweep
     from .sweep.record import ui_command
     from .trial.run import as_a_command
 
@@ -304,6 +309,10 @@ def main(study: Study, description: str, argv: Optional[list[str]] = None) -> in
     except RuntimeError as error:  # --tune: no configuration value could be picked (every tuning trial failed)
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except SweepInterrupted as stopped:
+        sys.stdout.flush()
+        print(interrupted_line(stopped, argv, args), file=sys.stderr)
+        return 128 + stopped.signum
     # A sweep on a remote storage path keeps its report in MLflow only.
     out = None if not is_remote(result.path) else tempfile.mkdtemp()
     report = write_report(result.name, result.tracking_uri, study.name, out)
@@ -321,3 +330,19 @@ def main(study: Study, description: str, argv: Optional[list[str]] = None) -> in
     print(f"\nreport (tables, paired tests, figures): {report}")
     print(f"\nMLflow experiment {study.name!r}, sweep tag {result.name!r}. To browse it:\n  {ui_command(result.tracking_uri)}")
     return 1 if result.failed or result.diverged else 0
+
+
+def interrupted_line(stopped: SweepInterrupted, argv: list[str], args: argparse.Namespace) -> str:
+    """What an interrupted study says last: that it was, what finished, and the command that continues it (this one,
+    with the sweep's name where it was not given, and --resume)."""
+    done = f"interrupted: {stopped.finished} of {stopped.planned} trials of sweep {stopped.name} finished"
+    if args.tune is not None:
+        return f"{done}; a --tune study cannot be resumed yet: run it again with a new --name"
+    return f"{done}; to resume it: {resume_command(argv, args, stopped.name)}"
+
+
+def resume_command(argv: list[str], args: argparse.Namespace, name: str) -> str:
+    """The command line that resumes this study: the same interpreter, script and flags, with the sweep's `name` where
+    it was generated, and --resume."""
+    flags = [*argv, *([] if args.name else ["--name", name]), *([] if args.resume else ["--resume"])]
+    return shlex.join([sys.executable, sys.argv[0], *flags])

@@ -1,137 +1,20 @@
 """What a sweep shows while it runs: what it will run, a line when each trial starts and ends, and a live progress line
-(trial k of n, step s of S, loss, ETA): a tqdm bar in a terminal, plain lines elsewhere.
-
-Ray's own output (its banners, Tune's tables and result boxes, the workers' logs that Ray forwards to the driver)
-goes to a log file in the sweep's folder instead (`output_to`), unless the user asks for it (-v). The sweep's lines
-still reach the terminal: they are written to a copy of the terminal's file descriptor taken before the redirection.
+(trial k of n, step s of S, loss, ETA) on the console of trial/console.py: a tqdm bar in a terminal, plain lines
+elsewhere, with Ray's own output in the sweep's log (`output_to`) unless the user asks for it (-v).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
-import tempfile
 import time
-from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, TextIO
+from typing import Any, Optional, Sequence
 
 from ray import tune
-from tqdm import tqdm
 
 from .callbacks import RestorableCallback
 from ..config import DIVERGED, flat_params, settings_label
+from ..trial.console import clock, console
 
-PLAIN_EVERY_S = 15.0  # how often a progress line is printed when the output is not a terminal
 ENDED = ("TERMINATED", "ERROR")  # Tune's statuses of a trial that will not run again
-
-
-class Console:
-    """The stream the sweep's own lines go to, and the progress bar drawn at its bottom when it is a terminal."""
-
-    def __init__(self, stream: TextIO):
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.bar: Optional[tqdm] = None
-
-    def say(self, line: str) -> None:
-        if self.bar is not None:
-            self.bar.write(line, file=self.stream)  # above the bar, which is drawn again below it
-        else:
-            print(line, file=self.stream, flush=True)
-
-
-_redirected: Optional[Console] = None  # while output_to sends the process's output to a log: the terminal
-_plain: Optional[Console] = None
-
-
-def console() -> Console:
-    """Where the sweep's lines go now: the terminal, also while Ray's output goes to a log file; else standard output
-    as it is now (a caller may have replaced sys.stdout)."""
-    global _plain
-    if _redirected is not None:
-        return _redirected
-    if _plain is None or _plain.stream is not sys.stdout:
-        _plain = Console(sys.stdout)
-    return _plain
-
-
-class Redirect:
-    """The file that this process's output goes to inside output_to: a temporary one until move_to names the log."""
-
-    def __init__(self, file: Optional[TextIO]):
-        self.file = file
-        self.temporary = file is not None
-
-    def move_to(self, log: Path) -> None:
-        """Go on in `log` (appended to; its folder created), the output so far first. Called once the run is sure to
-        go ahead, so that a run its checks refuse leaves no folder behind."""
-        if self.file is None:
-            return
-        log.parent.mkdir(parents=True, exist_ok=True)
-        final = open(log, "a", buffering=1)
-        for stream in (sys.stdout, sys.stderr, self.file):
-            stream.flush()
-        final.write(Path(self.file.name).read_text())
-        for fd in (1, 2):
-            os.dup2(final.fileno(), fd)
-        sys.stdout = sys.stderr = final  # output_to's redirect_stdout and redirect_stderr put the originals back
-        self.close()
-        self.file, self.temporary = final, False
-
-    def close(self) -> None:
-        """Close the file; a temporary one that was never moved is removed."""
-        if self.file is not None:
-            self.file.close()
-            if self.temporary:
-                os.remove(self.file.name)
-
-
-@contextlib.contextmanager
-def output_to(quiet: bool) -> Iterator[Redirect]:
-    """With `quiet`, send everything this process writes to its standard output and error (Ray, Tune, the workers'
-    forwarded logs, warnings) to a file for the duration of the block, while console() keeps writing where standard
-    output went before; the file is temporary until the Redirect yielded moves it to the sweep's log. Without `quiet`
-    (verbose), leave the output as it is.
-
-    Both the file descriptors (what Ray's C++ core and subprocesses write) and Python's sys.stdout and sys.stderr
-    (which a notebook or pytest may have pointed elsewhere) are redirected.
-    """
-    global _redirected
-    if not quiet:
-        yield Redirect(None)
-        return
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    saved = [os.dup(1), os.dup(2)]
-    previous = _redirected
-    # A process's own standard output is about to become the log: write to a copy of it. Any other stream stays as it is.
-    owned = writes_to_fd_1(sys.stdout)
-    terminal = os.fdopen(os.dup(saved[0]), "w", buffering=1) if owned else sys.stdout
-    redirect = Redirect(tempfile.NamedTemporaryFile("w", prefix="densetune-", suffix=".log", delete=False, buffering=1))
-    with contextlib.redirect_stdout(redirect.file), contextlib.redirect_stderr(redirect.file):
-        for fd in (1, 2):
-            os.dup2(redirect.file.fileno(), fd)
-        _redirected = Console(terminal)
-        try:
-            yield redirect
-        finally:
-            for stream in (sys.stdout, sys.stderr):
-                stream.flush()
-            for fd, copy in zip((1, 2), saved):
-                os.dup2(copy, fd)
-                os.close(copy)
-            _redirected = previous
-            redirect.close()
-            if owned:
-                terminal.close()
-
-
-def writes_to_fd_1(stream: TextIO) -> bool:
-    try:
-        return stream.fileno() == 1
-    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
-        return False
 
 
 class SweepProgress(RestorableCallback):
@@ -156,7 +39,6 @@ class SweepProgress(RestorableCallback):
         self._ended: set[str] = set()  # trials ended while this driver watched
         self._earlier: set[str] = set()  # trials that had ended before (a resumed sweep)
         self._losses: dict[str, float] = {}  # trial id -> its last loss (none at step 0)
-        self._printed = 0.0
         self._began: dict[str, float] = {}  # trial id -> when it started
         self._first: dict[str, tuple[float, int]] = {}  # trial id -> (when, step) of its first report with a step
         self._last: dict[str, tuple[float, int]] = {}  # trial id -> the same, of its last
@@ -201,10 +83,7 @@ class SweepProgress(RestorableCallback):
         self._end(trial, f"FAILED: {getattr(trial, 'error_file', None) or 'see the log'}")
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        out = console()
-        if out.bar is not None:
-            out.bar.close()
-            out.bar = None
+        console().close_bar()
 
     # helpers
 
@@ -263,19 +142,5 @@ class SweepProgress(RestorableCallback):
         return left / max(1, len(self._running))
 
     def _progress(self, trial: tune.experiment.Trial) -> None:
-        out = console()
-        line = self.progress_line(trial)
-        if out.tty:
-            if out.bar is None:
-                out.bar = tqdm(total=0, file=out.stream, bar_format="{desc}", dynamic_ncols=True, leave=False)
-            out.bar.set_description_str(line)
-        elif time.monotonic() - self._printed >= PLAIN_EVERY_S or trial.trial_id not in self._running:
-            out.say(line)
-            self._printed = time.monotonic()
-
-
-def clock(seconds: float) -> str:
-    """1:02:03, 4:05."""
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+        # a plain line at once when a trial ends
+        console().show(self.progress_line(trial), now=trial.trial_id not in self._running)

@@ -19,8 +19,8 @@ import itertools
 import json
 import math
 import os
+import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -53,11 +53,12 @@ from ..config import (
     grid_points,
     settings_label,
 )
-from .progress import SweepProgress, clock, console, output_to
+from .progress import SweepProgress
+from ..trial.console import clock, console, local_folder, output_to
 from ..trial.inputs import TrialData, data_source, load_data, training_rows
 from ..trial.run import check_adapter_fits, check_config, check_non_negative, check_positive, run_trial
 from .selection import check_objective, without_test_metrics
-from ..storage import check_placement, check_storage, is_remote, join, read_text, storage_root, write_text
+from ..storage import check_placement, check_storage, join, read_text, storage_root, write_text
 
 # A trial's driver only starts its worker group and waits: a sliver of memory, no CPU, so that a 2-worker trial
 # still fits a 2-CPU machine (Tune's default of 1 CPU per trial would leave it 1). It runs on the head node, beside
@@ -338,6 +339,9 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
 
         # Trials report accuracy only when they evaluate; Tune would otherwise reject every report without it.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+        # Ctrl-C stops the sweep at once, as SIGTERM does (below), rather than through Tune's own handler, which stopped
+        # the trials for half a minute and then returned as if the sweep had ended.
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
         # The tokenized rows go into the object store once; each trial's workers read them there.
         shared = {source: dataclasses.replace(one, train=ray.put(one.train)) for source, one in data.items()}
         trainable = tune.with_resources(
@@ -359,8 +363,12 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
             )
         try:
             grid = tuner.fit()
-        except BaseException:
+        except BaseException as error:
             tracker.close("KILLED")  # interrupted: no run is left RUNNING
+            # Ctrl-C, or SIGTERM, on which the handler that ray.init sets exits
+            if isinstance(error, (KeyboardInterrupt, SystemExit)):
+                finished = trials_finished(sweep_runs(name, uri, sweep.study))
+                raise SweepInterrupted(name, folder, finished, planned_trials(sweep), signal_of(error)) from None
             raise
     failed = [f"{result.path}/error.txt" for result in grid if result.error]
     diverged = [result.path for result in grid if not result.error and DIVERGED in (result.metrics or {})]
@@ -371,6 +379,27 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
     if not table.empty:
         tracker.log_sweep_files(write_files(table, local_folder(folder, name)))
     return SweepResult(name, folder, uri, tracker.parent_run_id(), trials, table, failed, diverged)
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """The sweep was stopped (Ctrl-C, SIGTERM) before its trials ended. Its runs are closed as KILLED, Ray is shut
+    down, and it can be resumed (resume=True, the studies' --resume): its finished trials are kept (one that finished
+    in the seconds before, after Tune last saved its state, evaluates again from its last checkpoint)."""
+
+    def __init__(self, name: str, folder: str, finished: int, planned: int, signum: int = signal.SIGINT):
+        super().__init__(f"sweep {name} interrupted: {finished} of {planned} trials finished")
+        self.name, self.folder, self.finished, self.planned, self.signum = name, folder, finished, planned, signum
+
+
+def signal_of(interruption: BaseException) -> int:
+    """The signal behind an interruption: SIGTERM where it is an exit (ray.init's handler exits on SIGTERM, with the
+    signal's number or, inside Ray's C++ calls, with 1), else SIGINT (Ctrl-C)."""
+    return signal.SIGTERM if isinstance(interruption, SystemExit) else signal.SIGINT
+
+
+def trials_finished(trials: pd.DataFrame) -> int:
+    """How many of a sweep's trials (sweep_runs) finished: ran to their end."""
+    return int((trials["status"] == "FINISHED").sum()) if not trials.empty else 0
 
 
 def dry_run(sweep: SweepConfig) -> list[str]:
@@ -416,12 +445,6 @@ def format_search_space(space: dict[str, Any]) -> str:
     return " ".join(
         f"{k}={','.join(map(str, v))}" if isinstance(v, (list, tuple)) else f"{k}~{v}" for k, v in space.items()
     )
-
-
-def local_folder(folder: str, name: str) -> Path:
-    """Where the driver writes the sweep's own files (its log, its summary): the sweep's folder, or for a sweep on a
-    remote storage path, a folder of the same name in this machine's temporary folder."""
-    return Path(folder) if not is_remote(folder) else Path(tempfile.gettempdir()) / "densetune" / name
 
 
 def planned_trials(sweep: SweepConfig) -> int:

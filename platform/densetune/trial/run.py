@@ -3,7 +3,8 @@
     python -m densetune.trial --model smollm2-135m --method denselora --rank 32 --targets q,k,v,up,down --max-steps 50
 
 Everything that can be wrong with the input is checked here, before any worker starts. Rerunning with the same
---name and --storage-path resumes the run from its last checkpoint.
+--name and --storage-path resumes the run from its last checkpoint. The console shows what runs, one progress line
+and the result; Ray's own output goes to trial.log in the trial's folder (-v: to the console too).
 
 Libraries that take seconds to import (torch, transformers, PEFT, Ray Train) are imported in the functions that use
 them, so that --help answers at once.
@@ -12,6 +13,7 @@ them, so that --help answers at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import signal
@@ -27,13 +29,15 @@ import ray
 from .. import cluster
 from ..cluster import check_placeable, own_ray, uses_gpu, worker_resources
 from ..config import DIVERGED, DTYPES, EVAL_MODES, PROTOCOLS, TrialConfig, add_setting, shown
-from ..storage import check_placement, check_storage, storage_root
+from ..storage import check_placement, check_storage, join, storage_root
+from .console import local_folder
 
 if TYPE_CHECKING:
     import numpy as np
     import ray.train
 
     from .inputs import TrialData
+    from .progress import TrialConsole
 
 
 @dataclass
@@ -153,30 +157,43 @@ def check_non_negative(name: str, value: Any, zero_means: Optional[str] = None) 
 
 
 def run_trial(
-    config: TrialConfig, callbacks: Sequence[ray.train.UserCallback] = (), data: Optional[TrialData] = None
+    config: TrialConfig, callbacks: Sequence[ray.train.UserCallback] = (), data: Optional[TrialData] = None,
+    console: Optional[TrialConsole] = None,
 ) -> TrialResult:
     """Run one trial to the end (or to stop_after_step) and return rank 0's summary.
 
     `callbacks` go to Ray Train's RunConfig: a sweep passes Tune's report callback there. `data`: the sweep's data,
-    loaded once for all its trials (checked against this config); None to load it here.
+    loaded once for all its trials (checked against this config); None to load it here. `console`: the trial
+    command's (progress.TrialConsole): what runs and a progress line on the console, Ray's output in the trial's log;
+    None leaves the output as Ray writes it.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from .inputs import eval_set
+    from .progress import Watched
     from .rendezvous import BoundTorchConfig
     from .loop import train_loop
 
     started, started_at = time.perf_counter(), time.time()
     data, examples = prepare(config, data)
-    with own_ray():
+    run_name = config.name or default_name(config)
+    with contextlib.ExitStack() as stack:
+        if console is not None:
+            stack.enter_context(console.quiet())
+        stack.enter_context(own_ray())
         check_placement(config.storage_path, cluster.may_have_several_nodes(), cluster.in_submitted_job())
         check_storage(config.storage_path)
         gpu = uses_gpu(config)
         check_placeable(config, gpu)
         resources = worker_resources(config, gpu)
+        watched = Watched(train_loop, {}, [])
+        if console is not None:
+            folder = local_folder(join(storage_root(config.storage_path), run_name), run_name)
+            workers = f"{config.num_workers} worker(s) of " + ", ".join(f"{v:g} {k}" for k, v in resources.items())
+            watched = stack.enter_context(console.watching(config, run_name, folder, workers))
         trainer = TorchTrainer(
-            train_loop,
+            watched.train_loop,
             train_loop_config={
                 "config": dataclasses.asdict(config),
                 "train": data.train if isinstance(data.train, ray.ObjectRef) else ray.put(data.train),
@@ -185,17 +202,18 @@ def run_trial(
                 "val_sets": ray.put(data.val_sets),
                 "val_answers": ray.put(data.val_answers),
                 "started_at": started_at,
+                **watched.loop_config,
             },
             scaling_config=ray.train.ScalingConfig(
                 num_workers=config.num_workers, use_gpu=gpu, resources_per_worker=resources
             ),
             torch_config=BoundTorchConfig(),
             run_config=ray.train.RunConfig(
-                name=config.name or default_name(config),
+                name=run_name,
                 storage_path=storage_root(config.storage_path),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
-                callbacks=list(callbacks),
+                callbacks=[*callbacks, *watched.callbacks],
             ),
         )
         result = trainer.fit()
@@ -237,11 +255,20 @@ def parser() -> argparse.ArgumentParser:
     )
     for name, default in dataclasses.asdict(TrialConfig()).items():
         add_setting(p, name, shown(name, default), default=default)
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="Ray's own output on the console too (default: off: in trial.log in the trial's folder)")
     return p
 
 
+def parse_command(argv: Optional[list[str]] = None) -> tuple[TrialConfig, bool]:
+    """The trial the command line describes, and whether it asked for Ray's output (-v)."""
+    args = vars(parser().parse_args(argv))
+    verbose = args.pop("verbose")
+    return TrialConfig(**args), verbose
+
+
 def parse_args(argv: Optional[list[str]] = None) -> TrialConfig:
-    return TrialConfig(**vars(parser().parse_args(argv)))
+    return parse_command(argv)[0]
 
 
 def warning_line(message: Warning | str, category: type[Warning], *location: Any, **_: Any) -> str:
@@ -262,10 +289,12 @@ def as_a_command() -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    config = parse_args(argv)
+    config, verbose = parse_command(argv)
     as_a_command()
+    from .progress import TrialConsole
+
     try:
-        result = run_trial(config)
+        result = run_trial(config, console=TrialConsole(verbose))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
